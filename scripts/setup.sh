@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv with the CPU build of torch (never a CUDA download) and install controlnext with all extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# Install the CPU torch first, so that no later requirement pulls a CUDA build.
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[train,video,web,bench,dev]"

@@ -1,0 +1,1 @@
+"""One module per `controlnext` subcommand; each exposes `register(subparsers)`."""

@@ -1,0 +1,219 @@
+"""`ControlNeXtModel`: the lightweight control encoder, one class for every published layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .variants import INJECTION_POINTS, variant_config
+
+__all__ = ["ControlNeXtModel", "ControlNeXtOutput", "StaticFeatures"]
+
+
+@dataclass
+class ControlNeXtOutput(BaseOutput):
+    """Control features (N, C, h, w) and the module's effective scale (a 0-dim tensor, before the user's scale)."""
+
+    sample: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclass
+class StaticFeatures:
+    """The timestep-independent prefix of the encoder for one condition batch (computed once per generation).
+
+    ``hidden`` is the first residual block's ``conv1`` output before the timestep is added, ``shortcut`` that block's
+    shortcut branch, ``frames`` the number of video frames per sample (1 for images).
+    """
+
+    hidden: torch.Tensor
+    shortcut: torch.Tensor
+    frames: int
+
+
+class ControlNeXtModel(ModelMixin, ConfigMixin):
+    r"""ControlNeXt control encoder: condition image(s) + timestep -> one feature map for Cross Normalization.
+
+    All five published layouts are configs of this class (see :mod:`controlnext.models.variants`); use
+    :meth:`from_variant` to build one and :meth:`from_single_file` to load a published checkpoint. Parameter names
+    and shapes equal the published state dicts, so those files load with strict key checks.
+
+    Besides the encoder layout, the config records how the module is applied to a UNet: ``injection_point``,
+    ``pool_first``/``norm_eps`` (Cross Normalization order and epsilon), ``scale_rule``/``control_level`` (how the
+    effective scale is formed), ``uncond_control`` (whether the unconditional half of classifier-free guidance gets
+    the control) and ``condition_range`` (the pixel range the encoder expects).
+
+    Inputs: ``condition`` of shape (B, 3, H, W) or, for video, (B, F, 3, H, W), in ``condition_range``; output
+    features are at 1/8 of the condition's size (the latent size) for the light layouts.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        variant: str = "sdxl",
+        in_channels: int = 3,
+        time_proj_channels: int = 128,
+        time_embed_dim: int = 256,
+        embedding_channels: tuple[int, ...] = (64, 64, 128),
+        embedding_groups: int = 2,
+        embedding_padding: int = 1,
+        embedding_maxpool: bool = False,
+        block_in_channels: tuple[int, ...] = (128, 128),
+        block_out_channels: tuple[int, ...] = (128, 256),
+        groups: tuple[int, ...] = (4, 8),
+        mid_groups: int = 8,
+        mid_norm: bool = True,
+        mid_residual: bool = True,
+        out_channels: int = 320,
+        learnable_scale: bool = False,
+        controlnext_scale: float = 1.0,
+        injection_point: str = "before_down_block_0",
+        pool_first: bool = False,
+        norm_eps: float = 1e-12,
+        scale_rule: str = "linear",
+        control_level: float = 1.0,
+        uncond_control: bool = True,
+        condition_range: str = "0,1",
+    ):
+        super().__init__()
+        if injection_point not in INJECTION_POINTS:
+            raise ValueError(f"injection_point must be one of {INJECTION_POINTS}, got {injection_point!r}.")
+        if scale_rule not in ("linear", "sigmoid"):
+            raise ValueError(f"scale_rule must be 'linear' or 'sigmoid', got {scale_rule!r}.")
+        if condition_range not in ("0,1", "-1,1"):
+            raise ValueError(f"condition_range must be '0,1' or '-1,1', got {condition_range!r}.")
+        if not (len(block_in_channels) == len(block_out_channels) == len(groups)):
+            raise ValueError("block_in_channels, block_out_channels and groups must have the same length.")
+
+        self.time_proj = Timesteps(time_proj_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(time_proj_channels, time_embed_dim)
+
+        stem: list[nn.Module] = []
+        prev = in_channels
+        for i, ch in enumerate(embedding_channels):
+            # The first stem conv halves the resolution; the others keep it (or shrink by 2 px without padding).
+            stride, pad = (2, 1) if i == 0 else (1, embedding_padding)
+            stem += [nn.Conv2d(prev, ch, 3, stride=stride, padding=pad), nn.GroupNorm(embedding_groups, ch), nn.ReLU()]
+            prev = ch
+        if embedding_maxpool:
+            stem.append(nn.MaxPool2d(2, 2))
+        # Only registered when present so that the `sd15` layout has no `embedding.*` keys.
+        if stem:
+            self.embedding = nn.Sequential(*stem)
+        else:
+            self.embedding = None
+
+        self.down_res = nn.ModuleList()
+        self.down_sample = nn.ModuleList()
+        for cin, cout, g in zip(block_in_channels, block_out_channels, groups):
+            self.down_res.append(ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=time_embed_dim, groups=g))
+            self.down_sample.append(Downsample2D(cout, use_conv=True, out_channels=cout, padding=1, name="op"))
+
+        c = block_out_channels[-1]
+        mid: list[nn.Module] = [nn.Conv2d(c, c, 3, padding=1), nn.ReLU()]
+        if mid_norm:
+            mid.append(nn.GroupNorm(mid_groups, c))
+        mid.append(nn.Conv2d(c, c, 3, padding=1))
+        if mid_norm:
+            mid.append(nn.GroupNorm(mid_groups, c))
+        self.mid_convs = nn.ModuleList([nn.Sequential(*mid), nn.Conv2d(c, out_channels, 1)])
+
+        if learnable_scale:
+            self.scale = nn.Parameter(torch.tensor(1.0))
+        else:
+            self.register_buffer("scale", torch.tensor(float(controlnext_scale)), persistent=False)
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_variant(cls, variant: str, **overrides) -> ControlNeXtModel:
+        """Build a randomly initialised module with a published variant's config (``overrides`` change fields)."""
+        return cls(**variant_config(variant, **overrides))
+
+    @classmethod
+    def from_single_file(cls, path, variant: str | None = None, family: str | None = None, **kwargs) -> ControlNeXtModel:
+        """Load one published-layout ``.safetensors``/``.bin`` file; see :func:`controlnext.loading.load_controlnext`."""
+        from ..loading import load_controlnext_file
+
+        return load_controlnext_file(path, variant=variant, family=family, **kwargs)
+
+    # ------------------------------------------------------------------ numerics
+    def effective_scale(self) -> torch.Tensor:
+        """The module's own scale factor (0-dim tensor), before the user's conditioning scale."""
+        s = torch.sigmoid(self.scale) if self.config.scale_rule == "sigmoid" else self.scale
+        return s * self.config.control_level
+
+    def _flatten_video(self, condition: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if condition.dim() == 5:
+            b, f = condition.shape[:2]
+            return condition.reshape(b * f, *condition.shape[2:]), f
+        if condition.dim() != 4:
+            raise ValueError(
+                f"Condition must be (B, C, H, W) or, for video, (B, F, C, H, W); got shape {tuple(condition.shape)}."
+            )
+        return condition, 1
+
+    def encode_static(self, condition: torch.Tensor) -> StaticFeatures:
+        """Run the timestep-independent prefix: the stem, and the first residual block up to its timestep add."""
+        x, frames = self._flatten_video(condition)
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"Condition has {x.shape[1]} channels; this module expects {self.config.in_channels}.")
+        x = x.to(device=self.device, dtype=self.dtype)
+        if self.embedding is not None:
+            x = self.embedding(x)
+        block = self.down_res[0]
+        h = block.conv1(block.nonlinearity(block.norm1(x)))
+        shortcut = block.conv_shortcut(x) if block.conv_shortcut is not None else x
+        return StaticFeatures(hidden=h, shortcut=shortcut, frames=frames)
+
+    def time_embed(self, timestep: torch.Tensor | float | int, rows: int, frames: int = 1) -> torch.Tensor:
+        """Timestep embedding for ``rows`` conditions; one row is returned (and broadcast) for a shared timestep."""
+        t = timestep if torch.is_tensor(timestep) else torch.tensor([timestep], device=self.device)
+        t = t.reshape(-1).to(self.device)
+        if t.numel() not in (1, rows):
+            raise ValueError(f"Got {t.numel()} timesteps for {rows} conditions.")
+        emb = self.time_embedding(self.time_proj(t).to(dtype=self.dtype))
+        if frames > 1 and emb.shape[0] > 1:
+            emb = emb.repeat_interleave(frames, dim=0)  # one embedding per video frame, as published
+        return emb
+
+    def forward_static(self, static: StaticFeatures, timestep: torch.Tensor | float | int) -> ControlNeXtOutput:
+        """Finish the encoder from cached :class:`StaticFeatures` for one timestep."""
+        rows = static.hidden.shape[0] // static.frames
+        emb = self.time_embed(timestep, rows, static.frames)
+        block = self.down_res[0]
+        # The remainder of ResnetBlock2D.forward (default time_embedding_norm), in the same order of operations.
+        h = static.hidden + block.time_emb_proj(block.nonlinearity(emb))[:, :, None, None]
+        h = block.conv2(block.dropout(block.nonlinearity(block.norm2(h))))
+        x = (static.shortcut + h) / block.output_scale_factor
+        x = self.down_sample[0](x)
+        for res, down in zip(self.down_res[1:], self.down_sample[1:]):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(res, x, emb)
+            else:
+                x = res(x, emb)
+            x = down(x)
+        y = self.mid_convs[0](x)
+        x = y + x if self.config.mid_residual else y
+        x = self.mid_convs[1](x)
+        return ControlNeXtOutput(sample=x, scale=self.effective_scale())
+
+    def forward(
+        self, condition: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True
+    ) -> ControlNeXtOutput | tuple:
+        """Encode ``condition`` at ``timestep`` (scalar, or one per condition batch row)."""
+        out = self.forward_static(self.encode_static(condition), timestep)
+        return out if return_dict else (out.sample, out.scale)
+
+    def normalize_condition(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Map a condition in [0, 1] to the range this module was trained on."""
+        return pixels * 2.0 - 1.0 if self.config.condition_range == "-1,1" else pixels

@@ -1,0 +1,112 @@
+"""The five published ControlNeXt layouts, expressed as configs of one :class:`ControlNeXtModel`.
+
+Each entry holds the encoder layout *and* how the module is applied to a UNet (injection point, the order of
+pooling and cross-normalisation, epsilon and scale rule), so a saved module is self-describing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Injection points, named after where the control is added in the stock UNet.
+BEFORE_DOWN0 = "before_down_block_0"  # after conv_in, before down block 0; conv_in's skip stays un-controlled
+AFTER_DOWN0 = "after_down_block_0"  # on down block 0's returned hidden state; its skip tensors stay un-controlled
+AFTER_MID = "after_mid_block"  # on the mid block's output, before the up blocks
+INJECTION_POINTS = (BEFORE_DOWN0, AFTER_DOWN0, AFTER_MID)
+
+# Shared 3.5M-parameter layout of `sd15-training`, `sdxl` and `svd-v2`.
+_LIGHT = dict(
+    embedding_channels=(64, 64, 128),
+    embedding_padding=1,
+    embedding_maxpool=False,
+    block_in_channels=(128, 128),
+    block_out_channels=(128, 256),
+    groups=(4, 8),
+    mid_norm=True,
+    mid_residual=True,
+    out_channels=320,
+    learnable_scale=False,
+)
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sd15": dict(
+        embedding_channels=(),
+        embedding_padding=1,
+        embedding_maxpool=False,
+        block_in_channels=(3, 128, 256),
+        block_out_channels=(128, 256, 256),
+        groups=(1, 8, 8),
+        mid_norm=False,
+        mid_residual=False,
+        out_channels=1280,
+        learnable_scale=True,
+        injection_point=AFTER_MID,
+        pool_first=True,
+        norm_eps=1e-12,
+        scale_rule="linear",
+        control_level=1.0,
+        uncond_control=True,
+        condition_range="0,1",
+    ),
+    "sd15-training": dict(
+        _LIGHT,
+        injection_point=AFTER_DOWN0,
+        pool_first=True,
+        norm_eps=1e-12,
+        scale_rule="linear",
+        control_level=1.0,
+        uncond_control=True,
+        condition_range="0,1",
+    ),
+    "sdxl": dict(
+        _LIGHT,
+        injection_point=BEFORE_DOWN0,
+        pool_first=False,
+        norm_eps=1e-12,
+        scale_rule="linear",
+        control_level=1.0,
+        uncond_control=True,
+        condition_range="0,1",
+    ),
+    "svd": dict(
+        embedding_channels=(64, 64, 128),
+        embedding_padding=0,
+        embedding_maxpool=True,
+        block_in_channels=(128, 128, 256),
+        block_out_channels=(128, 256, 256),
+        groups=(4, 8, 8),
+        mid_norm=True,
+        mid_residual=True,
+        out_channels=1280,
+        learnable_scale=True,
+        injection_point=AFTER_MID,
+        pool_first=False,
+        norm_eps=1e-5,
+        scale_rule="sigmoid",
+        control_level=1.3,
+        uncond_control=True,
+        condition_range="-1,1",
+    ),
+    "svd-v2": dict(
+        _LIGHT,
+        injection_point=AFTER_DOWN0,
+        pool_first=False,
+        norm_eps=1e-5,
+        scale_rule="linear",
+        control_level=0.2,
+        uncond_control=False,
+        condition_range="-1,1",
+    ),
+}
+
+# Which UNet family each variant was published for (used to refuse a module on the wrong UNet).
+VARIANT_FAMILY = {"sd15": "sd15", "sd15-training": "sd15", "sdxl": "sdxl", "svd": "svd", "svd-v2": "svd"}
+
+
+def variant_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """Return the full config of a published variant, with optional overrides (e.g. tiny channel counts)."""
+    if name not in VARIANTS:
+        raise ValueError(f"Unknown ControlNeXt variant {name!r}; expected one of {sorted(VARIANTS)}.")
+    cfg = dict(VARIANTS[name], variant=name)
+    cfg.update(overrides)
+    return cfg

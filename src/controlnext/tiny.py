@@ -1,0 +1,167 @@
+"""Tiny, randomly initialised models with the real diffusers layouts, for tests, the CI benchmark and offline demos.
+
+They exercise exactly the code paths real checkpoints use (same classes, same folder layout), only small.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .models.controlnext import ControlNeXtModel
+
+TINY_CONTROLNEXT = dict(
+    embedding_channels=(8, 8, 16),
+    block_in_channels=(16, 16),
+    block_out_channels=(16, 32),
+    groups=(4, 8),
+    mid_groups=8,
+)
+TINY_CONTROLNEXT_SD15 = dict(block_in_channels=(3, 16, 32), block_out_channels=(16, 32, 32), groups=(1, 8, 8))
+TINY_CONTROLNEXT_SVD = dict(
+    embedding_channels=(8, 8, 16), block_in_channels=(16, 16, 32), block_out_channels=(16, 32, 32), groups=(4, 8, 8)
+)
+
+
+def tiny_controlnext(variant: str, out_channels: int = 32, seed: int = 0) -> ControlNeXtModel:
+    """A small module with ``variant``'s structure and application rules (not its published channel counts)."""
+    torch.manual_seed(seed)
+    sizes = {"sd15": TINY_CONTROLNEXT_SD15, "svd": TINY_CONTROLNEXT_SVD}.get(variant, TINY_CONTROLNEXT)
+    return ControlNeXtModel.from_variant(variant, out_channels=out_channels, **sizes)
+
+
+def tiny_unet(family: str = "sd15", seed: int = 0):
+    """A tiny UNet of the given family ('sd15', 'sdxl' or 'svd'); hidden channels 32 then 64, latent 8x8."""
+    from diffusers import UNet2DConditionModel, UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(seed)
+    if family == "svd":
+        return UNetSpatioTemporalConditionModel(
+            sample_size=8,
+            in_channels=8,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            block_out_channels=(32, 64),
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=24,
+            layers_per_block=1,
+            cross_attention_dim=32,
+            num_attention_heads=(2, 4),
+            num_frames=4,
+        )
+    kwargs = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    if family == "sdxl":
+        kwargs.update(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+        )
+    elif family != "sd15":
+        raise ValueError(f"family must be 'sd15', 'sdxl' or 'svd', got {family!r}")
+    return UNet2DConditionModel(**kwargs)
+
+
+def tiny_vae(seed: int = 0):
+    """A tiny AutoencoderKL with the standard 8x spatial factor (four blocks)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=64,
+    )
+
+
+def write_tiny_clip_tokenizer(path: str | Path, words: list[str] | None = None) -> Path:
+    """Write a byte-level CLIP tokenizer (vocab.json, merges.txt) that knows ``words`` as single tokens."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for tok in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[str] = []
+    for word in words or []:
+        # Merge left to right: ((w o) r) d</w>, so each listed word becomes one token.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            merges.append(f"{cur} {nxt}")
+            cur = cur + nxt
+            vocab.setdefault(cur, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return path
+
+
+def tiny_clip(path: str | Path, projection: bool = False, seed: int = 0, words: list[str] | None = None):
+    """A tiny CLIP text encoder (hidden 32) and its tokenizer saved at ``path``; returns (encoder, tokenizer)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tok_dir = write_tiny_clip_tokenizer(Path(path), words)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    encoder = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+    return encoder, tokenizer
+
+
+def tiny_pipeline_components(family: str, workdir: str | Path, seed: int = 0) -> dict:
+    """Components for a tiny SD1.5 (``family='sd15'``) or SDXL (``'sdxl'``) pipeline."""
+    from diffusers import DDIMScheduler
+
+    workdir = Path(workdir)
+    text_encoder, tokenizer = tiny_clip(workdir / "tokenizer_src", seed=seed)
+    comps = dict(
+        unet=tiny_unet(family, seed),
+        vae=tiny_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+    )
+    if family == "sdxl":
+        te2, tok2 = tiny_clip(workdir / "tokenizer_2_src", projection=True, seed=seed + 1)
+        comps.update(text_encoder_2=te2, tokenizer_2=tok2)
+    else:
+        comps.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return comps
