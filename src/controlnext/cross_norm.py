@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _pool(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def pool_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     # adaptive_avg_pool2d is a no-op copy when the size already matches; skip it to save the copy.
     return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
 
@@ -50,13 +50,13 @@ def cross_normalize(
     control = control.to(dtype=hidden.dtype, device=hidden.device)
     size = hidden.shape[-2:]
     if pool_first:
-        control = _pool(control, size)  # statistics of the pooled features (published sd15 order)
+        control = pool_to(control, size)  # statistics of the pooled features (published sd15 order)
     dims = (1, 2, 3)
     c_mean = control.mean(dim=dims, keepdim=True)
     denom = control.std(dim=dims, keepdim=True) + eps
     # Average pooling is linear and the normalisation is affine per sample, so pooling the centred features before
     # scaling equals the published normalise-then-pool order, at the cost of one pooled tensor per unique condition.
-    centred = _pool(control - c_mean, size)
+    centred = pool_to(control - c_mean, size)
     if index is not None:
         centred = centred.index_select(0, index)
         denom = denom.index_select(0, index)

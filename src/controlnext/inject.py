@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cross_norm import cross_normalize
+from .cross_norm import cross_normalize, pool_to
 from .models.controlnext import ControlNeXtModel, StaticFeatures
 from .models.variants import AFTER_DOWN0, AFTER_MID, BEFORE_DOWN0, VARIANT_FAMILY
 
@@ -216,7 +216,11 @@ class ControlNeXtAdapter:
             cfg = slot.module.config
             if cfg.injection_point != point:
                 continue
-            c = cross_normalize(feats, hidden, eps=cfg.norm_eps, pool_first=cfg.pool_first, index=index)
+            if cfg.normalization == "zero_conv":
+                c = pool_to(slot.module.zero_conv(feats), hidden.shape[-2:]).to(hidden.dtype)
+                c = c if index is None else c.index_select(0, index)
+            else:
+                c = cross_normalize(feats, hidden, eps=cfg.norm_eps, pool_first=cfg.pool_first, index=index)
             out = out + c * scale.to(hidden.dtype)
         return out
 

@@ -47,7 +47,8 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
 
     Besides the encoder layout, the config records how the module is applied to a UNet: ``injection_point``,
     ``pool_first``/``norm_eps`` (Cross Normalization order and epsilon), ``scale_rule``/``control_level`` (how the
-    effective scale is formed), ``uncond_control`` (whether the unconditional half of classifier-free guidance gets
+    effective scale is formed), ``normalization`` (``cross_norm``, or the paper's ``zero_conv`` ablation),
+    ``uncond_control`` (whether the unconditional half of classifier-free guidance gets
     the control) and ``condition_range`` (the pixel range the encoder expects).
 
     Inputs: ``condition`` of shape (B, 3, H, W) or, for video, (B, F, 3, H, W), in ``condition_range``; output
@@ -83,12 +84,15 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         control_level: float = 1.0,
         uncond_control: bool = True,
         condition_range: str = "0,1",
+        normalization: str = "cross_norm",
     ):
         super().__init__()
         if injection_point not in INJECTION_POINTS:
             raise ValueError(f"injection_point must be one of {INJECTION_POINTS}, got {injection_point!r}.")
         if scale_rule not in ("linear", "sigmoid"):
             raise ValueError(f"scale_rule must be 'linear' or 'sigmoid', got {scale_rule!r}.")
+        if normalization not in ("cross_norm", "zero_conv"):
+            raise ValueError(f"normalization must be 'cross_norm' or 'zero_conv', got {normalization!r}.")
         if condition_range not in ("0,1", "-1,1"):
             raise ValueError(f"condition_range must be '0,1' or '-1,1', got {condition_range!r}.")
         if not (len(block_in_channels) == len(block_out_channels) == len(groups)):
@@ -115,7 +119,9 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         self.down_res = nn.ModuleList()
         self.down_sample = nn.ModuleList()
         for cin, cout, g in zip(block_in_channels, block_out_channels, groups):
-            self.down_res.append(ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=time_embed_dim, groups=g))
+            self.down_res.append(
+                ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=time_embed_dim, groups=g)
+            )
             self.down_sample.append(Downsample2D(cout, use_conv=True, out_channels=cout, padding=1, name="op"))
 
         c = block_out_channels[-1]
@@ -131,6 +137,11 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
             self.scale = nn.Parameter(torch.tensor(1.0))
         else:
             self.register_buffer("scale", torch.tensor(float(controlnext_scale)), persistent=False)
+        if normalization == "zero_conv":
+            # Ablation of the paper: ControlNet-style zero-initialised 1x1 conv instead of Cross Normalization.
+            self.zero_conv = nn.Conv2d(out_channels, out_channels, 1)
+            nn.init.zeros_(self.zero_conv.weight)
+            nn.init.zeros_(self.zero_conv.bias)
         self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------ construction helpers
@@ -140,8 +151,10 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         return cls(**variant_config(variant, **overrides))
 
     @classmethod
-    def from_single_file(cls, path, variant: str | None = None, family: str | None = None, **kwargs) -> ControlNeXtModel:
-        """Load one published-layout ``.safetensors``/``.bin`` file; see :func:`controlnext.loading.load_controlnext`."""
+    def from_single_file(
+        cls, path, variant: str | None = None, family: str | None = None, **kwargs
+    ) -> ControlNeXtModel:
+        """Load one published-layout ``.safetensors``/``.bin`` file (see :mod:`controlnext.loading`)."""
         from ..loading import load_controlnext_file
 
         return load_controlnext_file(path, variant=variant, family=family, **kwargs)
