@@ -52,7 +52,8 @@ def injection_channels(unet: nn.Module, point: str) -> int:
 class ControlSlot:
     """One attached module with its condition and settings.
 
-    ``condition``: (B_c, 3, H, W) or (B_c, F, 3, H, W), already in the module's range; B_c unique conditions serve
+    ``condition``: (B_c, 3, H, W) or (B_c, F, 3, H, W) in the module's range (set it with :meth:`set_condition`,
+    which takes [0, 1] pixels); B_c unique conditions serve
     the UNet batch (see :meth:`ControlNeXtAdapter.row_index`). ``scale`` multiplies the module's own scale.
     ``start``/``end``: fractions of the denoising schedule where the control is on (diffusers' ControlNet rule).
     """
@@ -66,7 +67,8 @@ class ControlSlot:
     _static: StaticFeatures | None = field(default=None, repr=False)
 
     def set_condition(self, condition: torch.Tensor | None) -> None:
-        self.condition = condition
+        """Set the condition: pixels in [0, 1], (B_c, 3, H, W) or (B_c, F, 3, H, W); mapped to the module's range."""
+        self.condition = None if condition is None else self.module.normalize_condition(condition)
         self._static = None
 
     def static(self) -> StaticFeatures:
@@ -268,7 +270,7 @@ def attach(
         for m, c, s in zip(mods, conds, scl):
             slot = adapter.add(m, scale=float(s), cache_static=cache_static)
             if c is not None:
-                slot.set_condition(m.normalize_condition(c))
+                slot.set_condition(c)
     except Exception:
         adapter.detach()
         raise
