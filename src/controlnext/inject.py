@@ -19,6 +19,7 @@ as it was. Works with ``UNet2DConditionModel`` (SD1.5, SDXL) and ``UNetSpatioTem
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from torch import nn
 from .cross_norm import cross_normalize, pool_to
 from .models.controlnext import ControlNeXtModel, StaticFeatures
 from .models.variants import AFTER_DOWN0, AFTER_MID, BEFORE_DOWN0, VARIANT_FAMILY
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ControlNeXtAdapter", "ControlSlot", "attach", "unet_family", "injection_channels"]
 
@@ -89,7 +92,10 @@ class ControlNeXtAdapter:
     def __init__(self, unet: nn.Module):
         self.unet = unet
         self.slots: list[ControlSlot] = []
-        self.guidance: bool = False  # the UNet batch is [unconditional, conditional] halves
+        # True (or a callable returning it) when the UNet batch is [unconditional, conditional] halves.
+        self.guidance: bool | Callable[[], bool] = False
+        # Pixels per latent (the VAE factor): when set, conditions are resized once to latent size x factor.
+        self.pixel_factor: int | None = None
         self.step: int = 0
         self.num_steps: Callable[[], int] | int = 1
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -162,24 +168,25 @@ class ControlNeXtAdapter:
         Returns ``(index or None, weight or None)``; ``weight`` is 0 on the unconditional half and is used for
         modules published without unconditional control (SVD v2). Cached, so steps allocate nothing.
         """
-        key = (rows, batch, frames, self.guidance)
+        guidance = bool(self.guidance() if callable(self.guidance) else self.guidance)
+        key = (rows, batch, frames, guidance)
         if key in self._index_cache:
             return self._index_cache[key]
-        half = batch // 2 if self.guidance else batch
-        if (self.guidance and batch % 2) or half % rows:
+        half = batch // 2 if guidance else batch
+        if (guidance and batch % 2) or half % rows:
             raise ValueError(
                 f"{rows} control conditions cannot be spread over a UNet batch of {batch}"
-                + (" (two guidance halves)" if self.guidance else "")
+                + (" (two guidance halves)" if guidance else "")
                 + ": give one condition, one per prompt, or one per generated image."
             )
         device = self.slots[0].module.device
         one = torch.arange(half, device=device) // (half // rows)
-        index = torch.cat([one, one]) if self.guidance else one
+        index = torch.cat([one, one]) if guidance else one
         weight = None
-        if self.guidance:
+        if guidance:
             weight = torch.cat([torch.zeros(half, device=device), torch.ones(half, device=device)])
             weight = weight.repeat_interleave(frames)[:, None, None, None]
-        if rows == batch and not self.guidance:
+        if rows == batch and not guidance:
             index = None
         elif frames > 1:
             index = (index[:, None] * frames + torch.arange(frames, device=device)).reshape(-1)
@@ -196,6 +203,8 @@ class ControlNeXtAdapter:
         for slot in self.slots:
             if slot.condition is None or slot.scale == 0 or not self._active(slot):
                 continue
+            if self.pixel_factor:
+                self._fit_condition(slot, tuple(d * self.pixel_factor for d in sample.shape[-2:]))
             static = slot.static()
             rows = static.hidden.shape[0] // static.frames
             if static.frames != frames:
@@ -211,6 +220,20 @@ class ControlNeXtAdapter:
             if weight is not None and not slot.module.config.uncond_control:
                 scale = scale * weight.to(out.sample.dtype)
             self._pending.append((slot, out.sample, scale, index))
+
+    @staticmethod
+    def _fit_condition(slot: ControlSlot, size: tuple[int, int]) -> None:
+        """Resize a slot's condition to the pixel size of the latents being denoised (once per generation)."""
+        cond = slot.condition
+        if tuple(cond.shape[-2:]) == size:
+            return
+        h, w = cond.shape[-2:]
+        if abs((w / h) / (size[1] / size[0]) - 1) > 0.01:
+            logger.warning("Condition of %dx%d (WxH) is stretched to the output's %dx%d.", w, h, size[1], size[0])
+        flat = cond.reshape(-1, *cond.shape[-3:])
+        flat = torch.nn.functional.interpolate(flat, size=size, mode="bilinear", antialias=True, align_corners=False)
+        slot.condition = flat.reshape(*cond.shape[:-2], *size)
+        slot._static = None
 
     def _controlled(self, point: str, hidden: torch.Tensor) -> torch.Tensor:
         out = hidden
