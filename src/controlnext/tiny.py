@@ -73,6 +73,7 @@ def tiny_unet(family: str = "sd15", seed: int = 0):
             projection_class_embeddings_input_dim=6 * 8 + 32,
             use_linear_projection=True,
             transformer_layers_per_block=(1, 2),
+            cross_attention_dim=64,  # both text encoders' hidden states, concatenated
         )
     elif family != "sd15":
         raise ValueError(f"family must be 'sd15', 'sdxl' or 'svd', got {family!r}")
@@ -97,13 +98,18 @@ def tiny_vae(seed: int = 0):
     )
 
 
+def _byte_chars() -> list[str]:
+    """The 256 printable characters byte-level BPE (GPT-2, CLIP) uses for the bytes 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
 def write_tiny_clip_tokenizer(path: str | Path, words: list[str] | None = None) -> Path:
     """Write a byte-level CLIP tokenizer (vocab.json, merges.txt) that knows ``words`` as single tokens."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
+    chars = _byte_chars()
     vocab: dict[str, int] = {}
     for tok in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(tok, len(vocab))
@@ -119,7 +125,7 @@ def write_tiny_clip_tokenizer(path: str | Path, words: list[str] | None = None) 
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
     (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    (path / "merges.txt").write_text("\n".join(["#version: 0.2", *dict.fromkeys(merges)]) + "\n")
     return path
 
 
@@ -128,7 +134,7 @@ def tiny_clip(path: str | Path, projection: bool = False, seed: int = 0, words: 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tok_dir = write_tiny_clip_tokenizer(Path(path), words)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         vocab_size=len(tokenizer),

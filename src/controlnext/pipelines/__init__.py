@@ -1,0 +1,31 @@
+"""Diffusers-style ControlNeXt pipelines (thin subclasses of the stock diffusers pipelines)."""
+
+from .common import ControlNeXtPipelineMixin, MultiControlNeXtModel
+from .stable_diffusion import (
+    StableDiffusionControlNeXtImg2ImgPipeline,
+    StableDiffusionControlNeXtInpaintPipeline,
+    StableDiffusionControlNeXtPipeline,
+    StableDiffusionXLControlNeXtImg2ImgPipeline,
+    StableDiffusionXLControlNeXtInpaintPipeline,
+    StableDiffusionXLControlNeXtPipeline,
+)
+
+__all__ = [
+    "ControlNeXtPipelineMixin",
+    "MultiControlNeXtModel",
+    "StableDiffusionControlNeXtImg2ImgPipeline",
+    "StableDiffusionControlNeXtInpaintPipeline",
+    "StableDiffusionControlNeXtPipeline",
+    "StableDiffusionXLControlNeXtImg2ImgPipeline",
+    "StableDiffusionXLControlNeXtInpaintPipeline",
+    "StableDiffusionXLControlNeXtPipeline",
+]
+
+
+def __getattr__(name: str):
+    # The video pipeline lives in its own module (optional video extra); import it lazily.
+    if name == "StableVideoDiffusionControlNeXtPipeline":
+        from .svd import StableVideoDiffusionControlNeXtPipeline
+
+        return StableVideoDiffusionControlNeXtPipeline
+    raise AttributeError(name)
