@@ -111,8 +111,10 @@ class ControlNeXtPipelineMixin:
             return  # img2img: the init image sets the size; conditions are fitted to the latents
         f = self.vae_scale_factor
         h, w = first_condition.shape[-2:]
-        kwargs.setdefault("height", max(f, h // f * f))
-        kwargs.setdefault("width", max(f, w // f * f))
+        if kwargs.get("height") is None:
+            kwargs["height"] = max(f, h // f * f)
+        if kwargs.get("width") is None:
+            kwargs["width"] = max(f, w // f * f)
 
     def __call__(
         self,

@@ -1,0 +1,133 @@
+"""`controlnext generate`: one image (or a batch) from a base model, a control module and a condition image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..cli import UserError
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate images with a ControlNeXt module",
+        description="Generate images from a base model (SD1.5 or SDXL, folder or hub id) and a ControlNeXt module.",
+    )
+    p.add_argument("--model", required=True, help="base model folder or hub id (diffusers layout)")
+    p.add_argument("--controlnext", required=True, help="control module: save_pretrained folder, hub id or one file")
+    p.add_argument("--controlnext-variant", default=None, help="published variant, when a file's layout is ambiguous")
+    p.add_argument("--unet-weights", default=None, help="trained UNet subset/deltas (.safetensors or .bin)")
+    p.add_argument("--unet-weights-mode", default="auto", choices=["auto", "values", "deltas"])
+    p.add_argument("--lora", default=None, help="LoRA weights (file or folder), loaded with diffusers")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--control-image", required=True, help="condition image (edges, mask, depth, pose...)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--control-scale", type=float, default=1.0)
+    p.add_argument("--control-start", type=float, default=0.0, help="fraction of the schedule where control starts")
+    p.add_argument("--control-end", type=float, default=1.0, help="fraction of the schedule where control ends")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--height", type=int, default=None, help="default: the condition's height")
+    p.add_argument("--width", type=int, default=None, help="default: the condition's width")
+    p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="default: the model's own")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--allow-pickle", action="store_true", help="allow unpickling non-tensor .bin files (trusted only)")
+    p.add_argument("-o", "--output", default="controlnext.png", help="output image path (numbered for batches)")
+    p.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    if not 0 <= args.control_start < args.control_end <= 1:
+        raise UserError("need 0 <= --control-start < --control-end <= 1")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and (v < 8 or v % 8):
+            raise UserError(f"--{name} must be a positive multiple of 8, got {v}")
+    if not Path(args.control_image).is_file():
+        raise UserError(f"condition image not found: {args.control_image}")
+
+
+def load_pipeline(model: str, device: str, dtype, controlnext: str, variant: str | None = None, **kw):
+    """Build the right ControlNeXt pipeline for a base model folder/id and load the control module into it."""
+    import diffusers
+
+    from ..pipelines import StableDiffusionControlNeXtPipeline, StableDiffusionXLControlNeXtPipeline
+
+    index = Path(model) / "model_index.json"
+    is_xl = False
+    if index.is_file():
+        is_xl = "text_encoder_2" in json.loads(index.read_text())
+    elif not Path(model).exists() and "xl" in model.lower():
+        is_xl = True
+    cls = StableDiffusionXLControlNeXtPipeline if is_xl else StableDiffusionControlNeXtPipeline
+    extra = {} if is_xl else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = cls.from_pretrained(model, torch_dtype=dtype, **extra)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load the base model {model!r}: {err}") from err
+    diffusers.utils.logging.set_verbosity_error()
+    pipe.load_controlnext(controlnext, variant=variant, **kw)
+    return pipe.to(device)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    _check(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = DTYPES[args.dtype] if args.dtype else ("float16" if device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+    pipe = load_pipeline(
+        args.model, device, dtype, args.controlnext, args.controlnext_variant, allow_pickle=args.allow_pickle
+    )
+    if args.unet_weights:
+        pipe.load_unet_weights(args.unet_weights, mode=args.unet_weights_mode, allow_pickle=args.allow_pickle)
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+        pipe.fuse_lora(lora_scale=args.lora_scale)
+    if args.scheduler:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    images = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        control_image=args.control_image,
+        controlnext_conditioning_scale=args.control_scale,
+        control_guidance_start=args.control_start,
+        control_guidance_end=args.control_end,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        num_images_per_prompt=args.num_images,
+        height=args.height,
+        width=args.width,
+        generator=generator,
+    ).images
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    for img, path in zip(images, paths):
+        img.save(path)
+        print(path)
+    return 0

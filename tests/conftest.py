@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models written to temp folders (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory):
+    """A tiny SD1.5-layout base model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    from diffusers import StableDiffusionPipeline
+
+    from controlnext.tiny import tiny_pipeline_components
+
+    root = tmp_path_factory.mktemp("tiny_sd15")
+    pipe = StableDiffusionPipeline(**tiny_pipeline_components("sd15", root / "src"))
+    pipe.save_pretrained(root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from diffusers import StableDiffusionXLPipeline
+
+    from controlnext.tiny import tiny_pipeline_components
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    pipe = StableDiffusionXLPipeline(**tiny_pipeline_components("sdxl", root / "src"))
+    pipe.save_pretrained(root / "model")
+    return root / "model"
