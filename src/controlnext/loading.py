@@ -141,11 +141,12 @@ def load_controlnext_file(
                 if candidates
                 else f"{path}: {_mismatch_report(state_dict)}"
             )
-        if family is not None and VARIANT_FAMILY[chosen] != family:
-            raise ValueError(
-                f"{path} looks like a {chosen!r} module (for {VARIANT_FAMILY[chosen]} UNets) but the UNet is {family}."
-            )
         model = ControlNeXtModel.from_variant(chosen)
+    chosen = model.config.variant
+    if family is not None and VARIANT_FAMILY.get(chosen, family) != family:
+        raise ValueError(
+            f"{path} looks like a {chosen!r} module (for {VARIANT_FAMILY[chosen]} UNets) but the UNet is {family}."
+        )
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path} does not match its declared config: {_mismatch_report(state_dict)}")
