@@ -84,8 +84,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         norm_eps=1e-5,
         scale_rule="sigmoid",
         control_level=1.3,
-        uncond_control=True,
-        condition_range="-1,1",
+        uncond_control=False,  # the v1 release also zeroes the control on the unconditional half
+        condition_range="0,1",
     ),
     "svd-v2": dict(
         _LIGHT,
@@ -95,7 +95,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         scale_rule="linear",
         control_level=0.2,
         uncond_control=False,
-        condition_range="-1,1",
+        condition_range="0,1",  # the SVD releases map the pose frames back to [0, 1] before the encoder
     ),
 }
 
