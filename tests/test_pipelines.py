@@ -210,3 +210,15 @@ def test_condition_formats(components, mode, caplog):
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
     if mode == "wide":
         assert "stretched" in caplog.text
+
+
+def test_model_cpu_offload_hooks_compose(components):
+    # On CPU the offload "device" is the CPU itself, but accelerate's hooks are installed on every component, so
+    # this checks that our UNet hooks and the excluded control module work inside that hook chain.
+    pipe = make(components, "sd15")
+    before = run(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert "controlnext" in pipe._exclude_from_cpu_offload
+    assert hasattr(pipe.unet, "_hf_hook") and not hasattr(pipe.controlnext, "_hf_hook")
+    assert np.array_equal(run(pipe), before)
+    pipe.remove_all_hooks()
