@@ -168,3 +168,11 @@ def test_unet_weights_for_another_unet_are_refused(tmp_path):
     save_file({name: torch.zeros(*p.shape, 2)}, str(path))
     with pytest.raises(ValueError, match="shapes"):
         load_unet_weights(tiny_unet("sd15"), path)
+
+
+def test_hub_ids_fail_clearly_when_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="owner/model"):
+        load_controlnext("owner/model/controlnet.safetensors")
+    with pytest.raises(FileNotFoundError, match="owner/model"):
+        load_controlnext("owner/model")

@@ -174,8 +174,22 @@ def load_controlnext(
             f"{p} has no config.json (a save_pretrained folder) and not exactly one weights file (found "
             f"{[f.name for f in files]}); point to the file itself."
         )
-    if not p.exists() and (p.is_absolute() or str(path_or_id).startswith(".") or str(path_or_id).count("/") != 1):
-        raise FileNotFoundError(f"No file or folder at {p}, and it is not a hub id of the form 'owner/name'.")
+    text = str(path_or_id)
+    if (
+        not p.exists()
+        and not p.is_absolute()
+        and text.count("/") >= 2
+        and p.suffix in (".safetensors", *PICKLE_SUFFIXES)
+    ):
+        # A published single file on the hub: "owner/name/path/in/repo/file.safetensors".
+        owner, name, filename = text.split("/", 2)
+        return load_controlnext_file(
+            _hub_file(f"{owner}/{name}", filename, **hub_kwargs), variant, family, allow_pickle, torch_dtype
+        )
+    if not p.exists() and (p.is_absolute() or text.startswith(".") or text.count("/") != 1):
+        raise FileNotFoundError(
+            f"No file or folder at {p}, and it is not a hub id ('owner/name', or 'owner/name/file.safetensors')."
+        )
     try:
         model = ControlNeXtModel.from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **hub_kwargs)
     except OSError as err:
@@ -183,6 +197,15 @@ def load_controlnext(
     if family is not None and VARIANT_FAMILY.get(model.config.variant, family) != family:
         raise ValueError(f"{path_or_id} is a {model.config.variant!r} module, not for {family} UNets.")
     return model.eval()
+
+
+def _hub_file(repo_id: str, filename: str, **hub_kwargs) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, **hub_kwargs))
+    except Exception as err:  # offline, missing repo or file: one clear message
+        raise FileNotFoundError(f"Could not fetch {filename!r} from the hub repository {repo_id!r}: {err}") from err
 
 
 def save_controlnext_file(module: ControlNeXtModel, path: str | Path) -> Path:
