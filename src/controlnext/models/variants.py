@@ -89,6 +89,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     ),
     "svd-v2": dict(
         _LIGHT,
+        # The v2 release's inference model has no padding on the two stride-1 stem convs (its training script pads
+        # them); the released weights are used without padding, so that is what reproduces the published numbers.
+        embedding_padding=0,
         injection_point=AFTER_DOWN0,
         pool_first=False,
         norm_eps=1e-5,

@@ -1,0 +1,37 @@
+"""Training for the pose-guided video models (SVD + ControlNeXt): data layout, EDM schedule, loop, command line.
+
+Run with ``python -m controlnext.training.video --pretrained-model SVD --dataset DATA ...`` (or under
+``accelerate launch -m controlnext.training.video``); see docs/video.md.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .config import VideoTrainConfig, add_video_train_arguments, video_config_from_args
+from .data import StepBatchSampler, VideoPoseDataset, find_clips
+from .edm import edm_loss, edm_scalings, sample_sigmas
+
+__all__ = [
+    "StepBatchSampler",
+    "VideoPoseDataset",
+    "VideoTrainConfig",
+    "VideoTrainResult",
+    "add_video_train_arguments",
+    "edm_loss",
+    "edm_scalings",
+    "find_clips",
+    "main",
+    "sample_sigmas",
+    "train_video",
+    "video_config_from_args",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("train_video", "VideoTrainResult", "ControlledVideoUNet"):
+        return getattr(import_module(".loop", __name__), name)
+    if name == "main":
+        return import_module(".__main__", __name__).main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
