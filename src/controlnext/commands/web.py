@@ -1,0 +1,125 @@
+"""`controlnext web`: serve the gradio app (local only by default)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..cli import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "web",
+        help="open the web app (upload a condition, preview, generate, download)",
+        description="Serve the ControlNeXt web app. It binds 127.0.0.1 (this machine only) unless --host says "
+        "otherwise, and makes no public link unless --share is given. Without --model it opens on the shipped "
+        "demo model (offline).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+    p.add_argument("--share", action="store_true", help="also create a public gradio share link (off by default)")
+    p.add_argument("--model", action="append", default=[], help="base model folder, .safetensors file or hub id")
+    p.add_argument(
+        "--controlnext", action="append", default=[], help="control module for the --model at the same position"
+    )
+    p.add_argument("--lora", default=None, help="LoRA file or folder applied to the given --model(s)")
+    p.add_argument("--lora-weight", type=float, default=1.0)
+    p.add_argument("--size", default=None, metavar="WxH", help="default output size for the given --model(s)")
+    p.add_argument("--outputs", default="controlnext-outputs", help="results folder (default ./controlnext-outputs)")
+    p.add_argument("--pose-models", default=None, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx (DWPose)")
+    p.add_argument("--depth-model", default=None, help="local transformers depth-estimation model folder")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="upload size limit (default 20)")
+    p.add_argument("--max-side", type=int, default=None, help="largest output width/height (default 2048)")
+    p.add_argument(
+        "--allow-model-paths",
+        action="store_true",
+        help="let page users type model paths even when the app is reachable from other machines",
+    )
+    p.add_argument("--no-demo", action="store_true", help="do not offer the demo/tiny models")
+    p.add_argument("--video-model", default=None, help="SVD base folder or hub id for the video tab")
+    p.add_argument("--video-controlnext", default=None, help="control module for --video-model (controlnet.bin)")
+    p.add_argument("--video-unet-weights", default=None, help="released full SVD UNet (unet.bin) for --video-model")
+    p.add_argument("--max-video-frames", type=int, default=64, help="longest clip the video tab makes (default 64)")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    """The :class:`~controlnext.web.app.WebConfig` for parsed ``controlnext web`` arguments."""
+    try:
+        from ..web.app import WebConfig
+    except ImportError as err:
+        raise UserError("the web app needs gradio: pip install 'controlnext[web]'") from err
+    from ..web.limits import Limits
+    from ..web.models import ModelSpec, default_model, demo_models, validate_base_ref, validate_control_ref
+
+    if len(args.controlnext) > len(args.model):
+        raise UserError("give one --model for each --controlnext (pair them by position)")
+    width = height = 512
+    if args.size:
+        try:
+            width, height = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--size must look like 512x768, got {args.size!r}") from None
+    specs = []
+    for i, model in enumerate(args.model):
+        control = args.controlnext[i] if i < len(args.controlnext) else None
+        base = validate_base_ref(model)
+        control = validate_control_ref(control)
+        specs.append(
+            ModelSpec(
+                label=f"{Path(base).name or base}" + (f" + {Path(control).name}" if control else ""),
+                base=base,
+                controlnext=control,
+                width=width,
+                height=height,
+                lora=args.lora,
+                lora_weight=args.lora_weight,
+            )
+        )
+    if not args.no_demo:
+        specs += demo_models() or [default_model()]
+    if not specs:
+        raise UserError("--no-demo needs at least one --model")
+    limits = Limits(max_upload_mb=args.max_upload_mb, **({"max_side": args.max_side} if args.max_side else {}))
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be 1..65535, got {args.port}")
+    video = None
+    if args.video_model:
+        from ..web.video import VideoSpec
+
+        if not args.video_controlnext:
+            raise UserError("--video-model needs --video-controlnext (the control module for it)")
+        video = VideoSpec(
+            label=Path(args.video_model).name or args.video_model,
+            base=args.video_model,
+            controlnext=args.video_controlnext,
+            unet_weights=args.video_unet_weights,
+            width=576,
+            height=1024,
+            steps=25,
+        )
+    return WebConfig(
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        models=specs,
+        outputs=Path(args.outputs),
+        limits=limits,
+        allow_custom_models=True if args.allow_model_paths else None,
+        pose_models=Path(args.pose_models) if args.pose_models else None,
+        depth_model=Path(args.depth_model) if args.depth_model else None,
+        video_model=video,
+        max_video_frames=args.max_video_frames,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..web.app import describe, is_local_host, launch
+
+    config = build_config(args)
+    if not is_local_host(config.host):
+        print(f"warning: serving on {config.host}: other machines can reach this app.")
+    print(describe(config))
+    launch(config, block=True)
+    return 0

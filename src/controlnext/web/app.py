@@ -1,0 +1,666 @@
+"""The `controlnext web` gradio app: pick a model, upload a condition, preview it, generate, compare, download.
+
+Safety defaults (see docs/web.md): binds 127.0.0.1, no share link unless asked, uploads limited in bytes and
+pixels and decoded by content, typed model paths only for a local-only app (or when explicitly allowed), results
+in their own folder, one generation at a time (a queue holds the rest).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from .. import preprocess as pp
+from .generation import GenerationSettings, generate, read_settings, resolve_seed
+from .limits import ALLOWED_IMAGE_SUFFIXES, Limits, UploadError, load_upload
+from .models import (
+    ModelCache,
+    ModelSpec,
+    default_model,
+    demo_models,
+    validate_base_ref,
+    validate_control_ref,
+    validate_lora_ref,
+)
+from .video import build_video_tab
+
+__all__ = ["WebConfig", "build_app", "launch", "is_local_host"]
+
+PREPROCESSOR_CHOICES = [
+    ("none (the upload is already a condition)", "none"),
+    ("canny edges", "canny"),
+    ("mask", "mask"),
+    ("scribble", "scribble"),
+    ("colour segmentation", "segment"),
+    ("pose (DWPose)", "pose"),
+    ("depth (estimate)", "depth"),
+    ("depth (uploaded depth map)", "depth-map"),
+]
+# Which option groups each preprocessor shows.
+OPTION_GROUPS = {
+    "canny": ("canny",),
+    "mask": ("threshold", "invert"),
+    "scribble": ("threshold", "scribble"),
+    "segment": ("segment",),
+    "depth": ("invert",),
+    "depth-map": ("invert",),
+}
+
+
+def is_local_host(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine (loopback)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class WebConfig:
+    """How the app is served and what it offers. ``models[0]`` is the one it opens on."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    share: bool = False
+    models: list[ModelSpec] = field(default_factory=list)
+    outputs: Path = Path("controlnext-outputs")
+    limits: Limits = field(default_factory=Limits)
+    allow_custom_models: bool | None = None  # None: only when the app is local-only (loopback, no share link)
+    pose_models: Path | None = None
+    depth_model: Path | None = None
+    queue_size: int = 16
+    cache_models: int = 1
+    video_model: Any = None  # a controlnext.web.video.VideoSpec; None: tiny random SVD (offline)
+    max_video_frames: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            self.models = [*demo_models()] or [default_model()]
+        self.outputs = Path(self.outputs).expanduser().resolve()
+
+    @property
+    def exposed(self) -> bool:
+        return self.share or not is_local_host(self.host)
+
+    @property
+    def custom_models(self) -> bool:
+        return (not self.exposed) if self.allow_custom_models is None else self.allow_custom_models
+
+
+def upload_path(payload: Any) -> str | None:
+    """The server-side path of an uploaded file from a raw gradio file payload (events run with preprocess=False).
+
+    The app's events skip gradio's preprocessing so that the app decodes uploads itself (:func:`load_upload`) and
+    can answer a non-image with one clear sentence. Gradio has already checked that the path is a file it received
+    (its upload cache) before the handler runs, so user input never names an arbitrary server path.
+    """
+    if payload is None or isinstance(payload, str):  # a str only comes from Python callers (tests, embedding)
+        return payload
+    if isinstance(payload, dict):
+        return payload.get("path")
+    return getattr(payload, "path", None)
+
+
+class App:
+    """State and event handlers of one app instance (kept separate from the layout so tests can call them)."""
+
+    def __init__(self, config: WebConfig):
+        self.config = config
+        self.cache = ModelCache(config.cache_models)
+        self.presets = {spec.label: spec for spec in config.models}
+
+    # ------------------------------------------------------------------ helpers
+    def preset(self, label: str | None) -> ModelSpec:
+        return self.presets.get(label or "", self.config.models[0])
+
+    def _resolve_spec(self, preset: str, base: str, control: str, lora: str, lora_weight: float) -> ModelSpec:
+        spec = self.preset(preset)
+        base, control, lora = (base or "").strip(), (control or "").strip(), (lora or "").strip()
+        known_bases = {s.base for s in self.config.models}
+        known_controls = {s.controlnext or "" for s in self.config.models} | {""}
+        known_loras = {s.lora or "" for s in self.config.models} | {""}
+        if not self.config.custom_models and (
+            base not in known_bases or control not in known_controls or lora not in known_loras
+        ):
+            raise ValueError(
+                "This app is reachable from other machines, so only the models it was started with can be used "
+                "(start it with --allow-model-paths to change that)."
+            )
+        base = validate_base_ref(base)
+        control_ref = validate_control_ref(control)
+        lora_ref = validate_lora_ref(lora)
+        return spec.with_refs(base, control_ref, lora_ref, float(lora_weight))
+
+    @staticmethod
+    def options(
+        preprocessor: str,
+        low: float,
+        high: float,
+        per_channel: bool,
+        threshold: float,
+        invert: bool,
+        scribble_mode: str,
+        thickness: float,
+        segments: float,
+        segment_source: str,
+    ) -> dict[str, Any]:
+        """The keyword options of ``preprocessor`` from the option widgets."""
+        if preprocessor == "canny":
+            return {"low": float(low), "high": float(high), "per_channel": bool(per_channel)}
+        if preprocessor == "mask":
+            return {"threshold": float(threshold), "invert": bool(invert)}
+        if preprocessor == "scribble":
+            return {"mode": scribble_mode, "threshold": float(threshold), "thickness": int(thickness)}
+        if preprocessor == "segment":
+            return {"segments": int(segments), "source": segment_source}
+        if preprocessor in ("depth", "depth-map"):
+            return {"invert": bool(invert)}
+        return {}
+
+    def condition(
+        self, upload: str | None, preprocessor: str, options: dict[str, Any], width: int, height: int, fit: str
+    ) -> Image.Image | None:
+        """Load the upload, fit it to the output size and run the preprocessor (errors: one-line ValueErrors)."""
+        upload = upload_path(upload)
+        if not upload:
+            return None
+        if preprocessor not in pp.PREPROCESSORS:
+            raise ValueError(f"Unknown preprocessor {preprocessor!r}.")
+        limits = self.config.limits
+        for name, v in (("Width", width), ("Height", height)):
+            if not (limits.min_side <= int(v) <= limits.max_side):
+                raise ValueError(f"{name} must be between {limits.min_side} and {limits.max_side} pixels, got {v}.")
+        image = pp.fit_to_size(pp.to_pil(load_upload(upload, limits)), int(width), int(height), fit)
+        extra: dict[str, Any] = {}
+        if preprocessor == "pose":
+            extra = {"model_dir": self.config.pose_models}
+        elif preprocessor == "depth":
+            extra = {"model": self.config.depth_model}
+        return pp.preprocess(preprocessor, image, **options, **extra)
+
+    # ------------------------------------------------------------------ event handlers
+    def on_preset(self, label: str):
+        spec = self.preset(label)
+        opts = dict(spec.preprocessor_options)
+        return (
+            gr.update(value=spec.base),
+            gr.update(value=spec.controlnext or ""),
+            gr.update(value=spec.lora or ""),
+            spec.lora_weight,
+            spec.preprocessor,
+            opts.get("low", 100),
+            opts.get("high", 200),
+            bool(opts.get("per_channel", False)),
+            spec.width,
+            spec.height,
+            spec.steps,
+            spec.guidance,
+            spec.prompt,
+            f"**{spec.label}**. {spec.notes}",
+        )
+
+    def on_preview(
+        self, upload, preprocessor, low, high, per_channel, threshold, invert, mode, thick, segs, src, w, h, fit
+    ):  # noqa: E501
+        try:
+            opts = self.options(preprocessor, low, high, per_channel, threshold, invert, mode, thick, segs, src)
+            return self.condition(upload, preprocessor, opts, w, h, fit)
+        except (ValueError, FileNotFoundError, OSError) as err:
+            raise gr.Error(str(err), title="Condition") from None
+
+    def on_generate(
+        self,
+        preset: str,
+        base: str,
+        control: str,
+        lora: str,
+        lora_weight: float,
+        upload: str | None,
+        preprocessor: str,
+        low: float,
+        high: float,
+        per_channel: bool,
+        threshold: float,
+        invert: bool,
+        scribble_mode: str,
+        thickness: float,
+        segments: float,
+        segment_source: str,
+        fit: str,
+        prompt: str,
+        negative: str,
+        steps: float,
+        guidance: float,
+        control_scale: float,
+        control_start: float,
+        control_end: float,
+        seed: float,
+        randomize: bool,
+        batch: float,
+        width: float,
+        height: float,
+        progress=gr.Progress(track_tqdm=True),
+    ):
+        try:
+            spec = self._resolve_spec(preset, base, control, lora, lora_weight)
+            opts = self.options(
+                preprocessor, low, high, per_channel, threshold, invert, scribble_mode, thickness, segments,
+                segment_source,
+            )  # fmt: skip
+            settings = GenerationSettings(
+                prompt=prompt or "",
+                negative_prompt=negative or "",
+                steps=_whole(steps, "Steps"),
+                guidance=float(guidance),
+                control_scale=float(control_scale),
+                control_start=float(control_start),
+                control_end=float(control_end),
+                seed=resolve_seed(seed, randomize),
+                batch_size=_whole(batch, "Batch size"),
+                width=_whole(width, "Width"),
+                height=_whole(height, "Height"),
+                base=spec.base,
+                controlnext=spec.controlnext,
+                lora=spec.lora,
+                lora_weight=spec.lora_weight,
+                preprocessor=preprocessor,
+                preprocessor_options=opts,
+            )
+            settings.validate(self.config.limits)
+            if spec.controlnext and not upload_path(upload):
+                raise ValueError("Upload a condition image first (or choose no control module).")
+            progress(0.0, desc="Loading model")
+            loaded = self.cache.get(spec)
+            progress(0.0, desc="Preparing condition")
+            condition = self.condition(upload, preprocessor, opts, settings.width, settings.height, fit)
+            if not loaded.has_control:
+                condition = None
+            settings.scheduler = type(loaded.pipe.scheduler).__name__
+            with loaded.lock:
+                if loaded.lora_loaded:
+                    loaded.pipe.set_adapters(["user_lora"], adapter_weights=[settings.lora_weight])
+                paths, cond_path, seconds = generate(
+                    loaded.pipe,
+                    condition,
+                    settings,
+                    self.config.outputs,
+                    on_step=lambda i, n: progress((i, n), desc="Denoising", unit="steps"),
+                )
+        except (ValueError, FileNotFoundError, UploadError) as err:
+            raise gr.Error(str(err), title="Cannot generate") from None
+        gallery = ([(str(cond_path), "condition")] if cond_path else []) + [
+            (str(p), f"seed {settings.seed + i}") for i, p in enumerate(paths)
+        ]
+        info = (
+            f"{len(paths)} image(s) in {seconds:.1f} s; seeds {settings.seed}..{settings.seed + len(paths) - 1}; "
+            f"saved in `{paths[0].parent.name}/` of the outputs folder. Settings are stored in each PNG."
+        )
+        return gallery, [str(p) for p in paths], info, settings.seed
+
+    def on_load_settings(self, png: Any):
+        """Fill the form from a result PNG's metadata; restores the condition when it is in the outputs folder."""
+        png = upload_path(png)
+        if not png:
+            raise gr.Error("Upload a PNG saved by this app.", title="Reproduce")
+        try:
+            load_upload(png, self.config.limits)
+            data = read_settings(png)
+            s = GenerationSettings.from_json(data)
+        except (ValueError, OSError, TypeError) as err:
+            raise gr.Error(str(err), title="Reproduce") from None
+        condition = self._find_condition(data.get("condition_file"), data.get("condition_sha256"))
+        note = (
+            "Settings loaded; the original condition was restored, so the preprocessor is set to none."
+            if condition
+            else "Settings loaded; upload the condition image again (it is not in the outputs folder)."
+        )
+        gr.Info(note)
+        preprocessor = "none" if condition else s.preprocessor
+        opts = s.preprocessor_options
+        return (
+            gr.update(value=s.base),
+            gr.update(value=s.controlnext or ""),
+            gr.update(value=s.lora or ""),
+            s.lora_weight,
+            gr.update(value=condition) if condition else gr.update(),
+            preprocessor,
+            opts.get("low", 100),
+            opts.get("high", 200),
+            bool(opts.get("per_channel", False)),
+            s.prompt,
+            s.negative_prompt,
+            s.steps,
+            s.guidance,
+            s.control_scale,
+            s.control_start,
+            s.control_end,
+            s.seed,
+            False,
+            s.batch_size,
+            s.width,
+            s.height,
+        )
+
+    def _find_condition(self, name: Any, sha: Any) -> str | None:
+        # The name comes from an uploaded file, so only the app's own naming pattern inside the outputs folder is
+        # looked at, and the content must match the recorded hash.
+        if not isinstance(name, str) or not re.fullmatch(r"\d{5}-condition\.png", name) or not isinstance(sha, str):
+            return None
+        import hashlib
+
+        for folder in sorted(self.config.outputs.glob("????-??-??"), reverse=True):
+            path = folder / name
+            if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha:
+                return str(path)
+        return None
+
+
+def _whole(value: float, name: str) -> int:
+    if value is None or float(value) != int(float(value)):
+        raise ValueError(f"{name} must be a whole number, got {value}.")
+    return int(float(value))
+
+
+def _option_visibility(preprocessor: str):
+    shown = OPTION_GROUPS.get(preprocessor, ())
+    return [gr.update(visible=g in shown) for g in ("canny", "threshold", "invert", "scribble", "segment")]
+
+
+CSS = """
+#cnx-gallery .thumbnail-item { image-rendering: pixelated; }
+#cnx-preview img { image-rendering: pixelated; }
+"""
+
+
+def build_app(config: WebConfig | None = None) -> gr.Blocks:
+    """Build the gradio Blocks of the app (not launched; see :func:`launch`)."""
+    config = config or WebConfig()
+    app = App(config)
+    limits = config.limits
+    first = config.models[0]
+    first_opts = dict(first.preprocessor_options)
+    custom = config.custom_models
+    model_choices = list(dict.fromkeys(s.base for s in config.models))
+    control_choices = list(dict.fromkeys([*(s.controlnext or "" for s in config.models), ""]))
+
+    with gr.Blocks(title="ControlNeXt", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# ControlNeXt\nUpload a condition (edges, mask, pose, depth...), preview it, write a prompt and "
+            "generate. Results and their settings are saved as PNG files you can download and reproduce."
+        )
+        with gr.Tab("Image"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    with gr.Accordion("Model", open=True):
+                        preset = gr.Dropdown(
+                            choices=list(app.presets), value=first.label, label="Preset", elem_id="cnx-preset"
+                        )
+                        preset_info = gr.Markdown(f"**{first.label}**. {first.notes}")
+                        base = gr.Dropdown(
+                            choices=model_choices,
+                            value=first.base,
+                            allow_custom_value=custom,
+                            label="Base model" + (" (folder, .safetensors file or hub id)" if custom else ""),
+                            elem_id="cnx-base",
+                        )
+                        control = gr.Dropdown(
+                            choices=control_choices,
+                            value=first.controlnext or "",
+                            allow_custom_value=custom,
+                            label="ControlNeXt module" + (" (file, folder or hub id; empty = none)" if custom else ""),
+                            elem_id="cnx-control",
+                        )
+                        with gr.Row():
+                            lora = gr.Textbox(
+                                value=first.lora or "",
+                                label="LoRA (file or folder)",
+                                interactive=custom,
+                                scale=3,
+                                elem_id="cnx-lora",
+                            )
+                            lora_weight = gr.Slider(-2, 2, value=first.lora_weight, step=0.05, label="LoRA weight")
+                    with gr.Row():
+                        upload = gr.Image(
+                            type="filepath",
+                            sources=["upload", "clipboard"],
+                            label=f"Condition or source image (max {limits.max_upload_mb:g} MB)",
+                            elem_id="cnx-upload",
+                            height=256,
+                        )
+                        preview = gr.Image(
+                            label="Condition preview", interactive=False, elem_id="cnx-preview", height=256
+                        )
+                    preprocessor = gr.Dropdown(
+                        choices=PREPROCESSOR_CHOICES, value=first.preprocessor, label="Preprocessor",
+                        elem_id="cnx-preprocessor",
+                    )  # fmt: skip
+                    fit = gr.Radio(["crop", "pad", "stretch"], value="crop", label="Fit the upload to the size by")
+                    with gr.Group(visible=first.preprocessor == "canny") as g_canny:
+                        with gr.Row():
+                            low = gr.Slider(
+                                0, 500, value=first_opts.get("low", 100), step=1, label="Canny low",
+                                elem_id="cnx-canny-low",
+                            )  # fmt: skip
+                            high = gr.Slider(
+                                0, 500, value=first_opts.get("high", 200), step=1, label="Canny high",
+                                elem_id="cnx-canny-high",
+                            )  # fmt: skip
+                        per_channel = gr.Checkbox(
+                            value=bool(first_opts.get("per_channel", False)), label="Edges per colour channel"
+                        )
+                    with gr.Group(visible="threshold" in OPTION_GROUPS.get(first.preprocessor, ())) as g_threshold:
+                        threshold = gr.Slider(0, 255, value=128, step=1, label="Threshold")
+                    with gr.Group(visible="invert" in OPTION_GROUPS.get(first.preprocessor, ())) as g_invert:
+                        invert = gr.Checkbox(value=False, label="Invert")
+                    with gr.Group(visible=first.preprocessor == "scribble") as g_scribble:
+                        scribble_mode = gr.Radio(["sketch", "photo"], value="sketch", label="Scribble from")
+                        thickness = gr.Slider(1, 15, value=3, step=1, label="Stroke width")
+                    with gr.Group(visible=first.preprocessor == "segment") as g_segment:
+                        segments = gr.Slider(2, 32, value=8, step=1, label="Regions")
+                        segment_source = gr.Radio(["photo", "map"], value="photo", label="Segment a")
+                    prompt = gr.Textbox(value=first.prompt, label="Prompt", lines=2, elem_id="cnx-prompt")
+                    negative = gr.Textbox(value="", label="Negative prompt", lines=1)
+                    with gr.Row():
+                        steps = gr.Slider(
+                            1, limits.max_steps, value=first.steps, step=1, label="Steps", elem_id="cnx-steps"
+                        )
+                        guidance = gr.Slider(0, limits.max_guidance, value=first.guidance, step=0.5, label="Guidance")
+                    with gr.Row():
+                        control_scale = gr.Slider(
+                            0, limits.max_control_scale, value=1.0, step=0.05, label="Control scale"
+                        )
+                        control_start = gr.Slider(0, 1, value=0.0, step=0.01, label="Control start")
+                        control_end = gr.Slider(0, 1, value=1.0, step=0.01, label="Control end")
+                    with gr.Row():
+                        seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, elem_id="cnx-seed")
+                        randomize = gr.Checkbox(value=False, label="Random seed")
+                        batch = gr.Slider(1, limits.max_batch, value=1, step=1, label="Batch size")
+                    with gr.Row():
+                        width = gr.Slider(
+                            limits.min_side, limits.max_side, value=first.width, step=8, label="Width",
+                            elem_id="cnx-width",
+                        )  # fmt: skip
+                        height = gr.Slider(
+                            limits.min_side, limits.max_side, value=first.height, step=8, label="Height",
+                            elem_id="cnx-height",
+                        )  # fmt: skip
+                    run = gr.Button("Generate", variant="primary", elem_id="cnx-generate")
+                with gr.Column(scale=1):
+                    gallery = gr.Gallery(
+                        label="Condition and results",
+                        columns=3,
+                        height="auto",
+                        object_fit="contain",
+                        buttons=["download", "fullscreen"],
+                        elem_id="cnx-gallery",
+                    )
+                    info = gr.Markdown(elem_id="cnx-info")
+                    files = gr.File(label="Download results (PNG with settings)", file_count="multiple")
+                    with gr.Accordion("Reproduce from a result PNG", open=False):
+                        settings_png = gr.File(
+                            label="Result PNG", file_types=[".png"], type="filepath", elem_id="cnx-settings-png"
+                        )
+                        load_settings = gr.Button("Load settings")
+                    gr.Markdown(
+                        f"Limits: uploads up to {limits.max_upload_mb:g} MB and {limits.max_upload_pixels / 1e6:.1f} "
+                        f"MP; outputs {limits.min_side}-{limits.max_side} px; batch up to {limits.max_batch}. "
+                        "One generation runs at a time; others wait in the queue."
+                    )
+        with gr.Tab("Video"):
+            build_video_tab(config)
+
+        option_inputs = [low, high, per_channel, threshold, invert, scribble_mode, thickness, segments, segment_source]
+        preview_inputs = [upload, preprocessor, *option_inputs, width, height, fit]
+        preview_kwargs = dict(
+            fn=app.on_preview,
+            preprocess=False,  # uploads are decoded by the app (see upload_path)
+            inputs=preview_inputs,
+            outputs=preview,
+            concurrency_limit=2,
+            concurrency_id="preview",
+            trigger_mode="always_last",
+            show_progress="minimal",
+        )
+        # `change` also fires when "Load settings" restores the condition, and clears the preview on removal.
+        for comp in (upload, preprocessor, per_channel, invert, scribble_mode, segment_source, fit):
+            comp.change(**preview_kwargs)
+        for comp in (low, high, threshold, thickness, segments, width, height):
+            comp.release(**preview_kwargs)
+        preprocessor.change(
+            _option_visibility, preprocessor, [g_canny, g_threshold, g_invert, g_scribble, g_segment], queue=False
+        )
+        preset.change(
+            app.on_preset,
+            preset,
+            [
+                base,
+                control,
+                lora,
+                lora_weight,
+                preprocessor,
+                low,
+                high,
+                per_channel,
+                width,
+                height,
+                steps,
+                guidance,
+                prompt,
+                preset_info,
+            ],  # fmt: skip
+        )
+        run.click(
+            app.on_generate,
+            [
+                preset,
+                base,
+                control,
+                lora,
+                lora_weight,
+                upload,
+                preprocessor,
+                *option_inputs,
+                fit,
+                prompt,
+                negative,
+                steps,
+                guidance,
+                control_scale,
+                control_start,
+                control_end,
+                seed,
+                randomize,
+                batch,
+                width,
+                height,
+            ],  # fmt: skip
+            [gallery, files, info, seed],
+            concurrency_limit=1,
+            concurrency_id="generate",
+            api_name="generate",
+            preprocess=False,
+        )
+        load_settings.click(
+            app.on_load_settings,
+            settings_png,
+            [
+                base,
+                control,
+                lora,
+                lora_weight,
+                upload,
+                preprocessor,
+                low,
+                high,
+                per_channel,
+                prompt,
+                negative,
+                steps,
+                guidance,
+                control_scale,
+                control_start,
+                control_end,
+                seed,
+                randomize,
+                batch,
+                width,
+                height,
+            ],  # fmt: skip
+            preprocess=False,
+        )
+    demo.queue(max_size=config.queue_size, default_concurrency_limit=1)
+    demo.controlnext_app = app  # for tests and embedding
+    return demo
+
+
+def launch(config: WebConfig, block: bool = True, **kwargs: Any) -> tuple[gr.Blocks, str, str | None]:
+    """Serve the app with the config's safety settings; returns (the gradio Blocks, local URL, share URL or None).
+
+    With ``block=False`` the server runs in a background thread (stop it with ``blocks.close()``).
+    """
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reporting from a local tool
+    config.outputs.mkdir(parents=True, exist_ok=True)
+    demo = build_app(config)
+    _, local_url, share_url = demo.launch(
+        server_name=config.host,
+        server_port=config.port,
+        share=config.share,
+        max_file_size=config.limits.max_file_size,
+        allowed_paths=[str(config.outputs)],
+        show_error=not config.exposed,  # unexpected errors' text only for a local-only app
+        ssr_mode=False,
+        prevent_thread_lock=not block,
+        css=CSS,
+        footer_links=["settings"],
+        quiet=kwargs.pop("quiet", False),
+        **kwargs,
+    )
+    return demo, local_url, share_url
+
+
+def describe(config: WebConfig) -> str:
+    """One-paragraph summary of how the app is configured (printed at start-up)."""
+    return json.dumps(
+        {
+            "host": config.host,
+            "share": config.share,
+            "custom_model_paths": config.custom_models,
+            "outputs": str(config.outputs),
+            "models": [s.label for s in config.models],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    )
+
+
+__all__ += ["ALLOWED_IMAGE_SUFFIXES", "describe"]

@@ -1,0 +1,68 @@
+"""Limits of the web app and the checks that enforce them (all errors are one clear sentence for the page)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["Limits", "UploadError", "load_upload", "ALLOWED_IMAGE_SUFFIXES"]
+
+ALLOWED_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "MPO")
+
+
+class UploadError(ValueError):
+    """An uploaded file that the app refuses (wrong type, too large, unreadable)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. The defaults suit a desktop GPU; the CPU demo uses smaller ones."""
+
+    max_upload_mb: float = 20.0  # enforced by gradio's upload route before the file reaches the app
+    max_upload_pixels: int = 4096 * 4096  # decoded size of an uploaded image
+    max_side: int = 2048  # output width/height
+    min_side: int = 64
+    max_batch: int = 8
+    max_steps: int = 150
+    max_guidance: float = 30.0
+    max_control_scale: float = 5.0
+    max_prompt_chars: int = 2000
+
+    @property
+    def max_file_size(self) -> int:
+        """``max_upload_mb`` in bytes (MB = 2**20 bytes), as ``gradio.launch(max_file_size=...)`` takes it."""
+        return int(self.max_upload_mb * 2**20)
+
+
+def load_upload(path: str | Path, limits: Limits) -> Image.Image:
+    """Open an uploaded image file with its EXIF orientation applied, refusing what the app cannot use.
+
+    The file's *content* decides its type (PIL's decoder), not its name, and the pixel count is checked from the
+    header before the pixels are decoded, so a small file that inflates to a huge image is refused cheaply.
+    """
+    path = Path(path)
+    size_mb = path.stat().st_size / 2**20
+    if size_mb > limits.max_upload_mb:
+        raise UploadError(f"The file is {size_mb:.1f} MB; uploads are limited to {limits.max_upload_mb:g} MB.")
+    try:
+        img = Image.open(path)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise UploadError(
+            "The uploaded file is not an image this app can read; upload a PNG, JPEG, WebP, BMP or TIFF picture."
+        ) from None
+    if img.format not in ALLOWED_FORMATS:
+        raise UploadError(f"{img.format} images are not supported; upload a PNG, JPEG, WebP, BMP or TIFF picture.")
+    w, h = img.size
+    if w * h > limits.max_upload_pixels:
+        raise UploadError(
+            f"The image is {w}x{h} pixels ({w * h / 1e6:.1f} MP); the limit is "
+            f"{limits.max_upload_pixels / 1e6:.1f} MP. Please downscale it first."
+        )
+    try:
+        img.load()
+    except (OSError, Image.DecompressionBombError) as err:
+        raise UploadError(f"The image file is damaged or truncated ({err}).") from None
+    return ImageOps.exif_transpose(img)
