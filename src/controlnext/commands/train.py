@@ -1,0 +1,33 @@
+"""``controlnext train``: train a ControlNeXt control module (and the published UNet subset) for SD1.5 or SDXL."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    from ..training.config import add_train_arguments
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train a control module on (image, condition, caption) data",
+        description=(
+            "Train a ControlNeXt control module on a stock SD1.5/SDXL UNet with accelerate. Runs in this process; "
+            "for several GPUs or nodes use `accelerate launch -m controlnext.train` with the same options."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_train_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from ..training import config_from_args, train
+
+    cfg = config_from_args(args)
+    cfg.command = " ".join(["controlnext", *map(shlex.quote, sys.argv[1:])])
+    train(cfg)
+    return 0

@@ -1,0 +1,109 @@
+"""Tiny offline fixtures for training: a tiny base model folder and a synthetic shapes dataset with masks.
+
+Used by the tests and for smoke-testing a training setup without downloads::
+
+    python -c "from controlnext.training.synthetic import *; write_tiny_base('base'); write_shapes_dataset('data')"
+    controlnext train --pretrained-model base --dataset data --resolution 64 --controlnext-config tiny ...
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["COLOURS", "SHAPES", "write_shapes_dataset", "write_tiny_base"]
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle")
+
+
+def write_tiny_base(path: str | Path, family: str = "sd15", seed: int = 0) -> Path:
+    """Write a tiny randomly initialised base model (diffusers layout, DDPM scheduler) for ``family`` to ``path``.
+
+    The random VAE is given two properties of a trained one, so that latents carry the image: a near-deterministic
+    posterior (log-variance -12, instead of a random VAE's ~0, whose sampling noise would drown the image), and a
+    ``scaling_factor`` of 1/std of the latents of synthetic shape images (unit-variance latents, as SD's 0.18215).
+    """
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ..tiny import tiny_pipeline_components
+
+    path = Path(path)
+    comps = tiny_pipeline_components(family, path / "_src", seed=seed)
+    vae = comps["vae"]
+    half = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[half:] = 0.0
+        vae.quant_conv.bias[half:] = -12.0
+        rng = np.random.default_rng(seed)
+        images = []
+        for _ in range(16):
+            mask, _shape = _shape_mask(rng, 64)
+            img = np.full((64, 64, 3), 110, np.uint8)
+            img[mask] = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
+            images.append(img)
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        std = vae.encode(pixels).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    comps["scheduler"] = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, clip_sample=False
+    )
+    pipe_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipe_cls(**comps).save_pretrained(str(path))
+    import shutil
+
+    shutil.rmtree(path / "_src", ignore_errors=True)
+    return path
+
+
+def _shape_mask(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    r = rng.uniform(0.15, 0.3) * size
+    cx, cy = rng.uniform(r, size - r, size=2)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    if shape == "circle":
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    else:
+        mask = (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+    return mask, shape
+
+
+def write_shapes_dataset(path: str | Path, n: int = 32, size: int = 64, seed: int = 0, fmt: str = "jsonl") -> Path:
+    """``n`` images of one coloured shape on grey, conditions = the shape's white-on-black mask, captions
+    "a <colour> <shape>"; written as an imagefolder with metadata.jsonl (or metadata.csv with ``fmt='csv'``)."""
+    path = Path(path)
+    (path / "images").mkdir(parents=True, exist_ok=True)
+    (path / "conditions").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    names = list(COLOURS)
+    for i in range(n):
+        mask, shape = _shape_mask(rng, size)
+        colour = names[int(rng.integers(len(names)))]
+        img = np.full((size, size, 3), 110, np.uint8)
+        img[mask] = COLOURS[colour]
+        cond = np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)
+        Image.fromarray(img).save(path / "images" / f"{i:04d}.png")
+        Image.fromarray(cond).save(path / "conditions" / f"{i:04d}.png")
+        rows.append(
+            {
+                "file_name": f"images/{i:04d}.png",
+                "conditioning_image_file_name": f"conditions/{i:04d}.png",
+                "text": f"a {colour} {shape}",
+            }
+        )
+    if fmt == "csv":
+        import csv
+
+        with open(path / "metadata.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        with open(path / "metadata.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path

@@ -1,0 +1,213 @@
+"""Exact resume, atomic checkpoints and crashes while writing them (select with `pytest -k resume`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from controlnext.training import checkpoint as ckpt
+from controlnext.training import parse_train_args, train
+from controlnext.training.synthetic import write_shapes_dataset, write_tiny_base
+
+
+def _cached(factory, name, build):
+    path = factory.getbasetemp() / name
+    if not (path / ".complete").exists():
+        build(path)
+        (path / ".complete").write_text("")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    return _cached(tmp_path_factory, "train-tiny-sd15", lambda p: write_tiny_base(p, "sd15"))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return _cached(tmp_path_factory, "train-shapes-32", lambda p: write_shapes_dataset(p, n=32))
+
+
+# Everything that draws randomness or carries state: flips, caption dropout, a warm-up + cosine schedule, gradient
+# accumulation (with a partial last accumulation in each epoch), EMA, min-SNR weighting and noise offset.
+RICH = [
+    "--random-flip", "--caption-dropout", "0.3", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2",
+    "--gradient-accumulation-steps", "3", "--use-ema", "--ema-decay", "0.9", "--snr-gamma", "5",
+    "--noise-offset", "0.05",
+]  # fmt: skip
+
+
+def _args(base, data, out, *extra):
+    return [
+        "--pretrained-model", str(base), "--dataset", str(data), "--output-dir", str(out), "--resolution", "64",
+        "--controlnext-config", "tiny", "--train-batch-size", "4", "--learning-rate", "1e-3",
+        "--unet-learning-rate", "1e-3", "--cpu-threads", "1", "--report-to", "none", *extra,
+    ]  # fmt: skip
+
+
+def _weights(out):
+    return {**load_file(out / "controlnext.safetensors"), **load_file(out / "unet_weights.safetensors")}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs")
+
+
+@pytest.fixture(scope="module")
+def straight(sd15, shapes, tmp_path_factory):
+    """The uninterrupted reference: 8 steps (3 epochs of 3 updates), checkpoints every 2 steps, at most 2 kept."""
+    out = tmp_path_factory.mktemp("straight")
+    args = _args(sd15, shapes, out, *RICH, "--max-train-steps", "8", "--checkpointing-steps", "2")
+    result = train(parse_train_args([*args, "--checkpoints-total-limit", "2"]))
+    return result, out
+
+
+def test_resume_exactly_matches_uninterrupted_run(sd15, shapes, straight, tmp_path):
+    ref, ref_out = straight
+    out = tmp_path / "split"
+    args = _args(sd15, shapes, out, *RICH, "--max-train-steps", "8", "--checkpointing-steps", "2")
+    first = train(parse_train_args([*args, "--exit-after-steps", "4"]))  # stops mid-epoch (epoch 1, after 1 update)
+    assert first.global_step == 4 and not (out / "controlnext.safetensors").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-4"
+    second = train(parse_train_args([*args, "--resume-from-checkpoint", "latest"]))
+    assert second.global_step == 8
+    # Same losses step by step, and bit-identical final (EMA) weights: the resumed run replays the same data
+    # order, augmentations, noise, optimizer and scheduler state.
+    assert first.losses + second.losses == ref.losses
+    _assert_same(_weights(out), _weights(ref_out))
+    assert second.rank_fingerprints == ref.rank_fingerprints
+
+
+def test_resume_from_an_explicit_checkpoint_path_and_total_limit(sd15, shapes, straight, tmp_path):
+    ref, ref_out = straight
+    root = ref_out / "checkpoints"
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [6, 8]  # --checkpoints-total-limit 2
+    assert ckpt.latest_checkpoint(root) == root / "checkpoint-8"
+    out = tmp_path / "from6"
+    args = _args(sd15, shapes, out, *RICH, "--max-train-steps", "8", "--checkpointing-steps", "2")
+    result = train(parse_train_args([*args, "--resume-from-checkpoint", str(root / "checkpoint-6")]))
+    assert result.losses == ref.losses[6:]
+    _assert_same(_weights(out), _weights(ref_out))
+
+
+def test_resume_latest_without_checkpoint_starts_fresh_and_damage_is_detected(sd15, shapes, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    args = _args(sd15, shapes, out, "--max-train-steps", "2", "--checkpointing-steps", "1")
+    result = train(parse_train_args([*args, "--resume-from-checkpoint", "latest"]))
+    assert result.global_step == 2 and "no checkpoint in" in capsys.readouterr().out
+    damaged = out / "checkpoints" / "checkpoint-2" / "trainable.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"checkpoint-2 is damaged: trainable.safetensors has 100 bytes"):
+        train(parse_train_args([*args, "--max-train-steps", "3", "--resume-from-checkpoint", "latest"]))
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import accelerate.checkpointing as ac
+    from controlnext.training import checkpoint, parse_train_args, train
+
+    where, step = sys.argv[1], sys.argv[2]
+    tmp_name = f".tmp-checkpoint-{step}"
+
+    def die():
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if where == "mid_write":  # our weights are written, accelerate's optimizer state is not
+        real_save = ac.save
+
+        def save(obj, f, *a, **k):
+            if tmp_name in str(f):
+                die()
+            return real_save(obj, f, *a, **k)
+
+        ac.save = save
+    else:  # everything written and flushed, killed just before the rename that commits it
+        real_commit = checkpoint._commit
+
+        def commit(tmp, final):
+            if tmp.name == tmp_name:
+                die()
+            return real_commit(tmp, final)
+
+        checkpoint._commit = commit
+    train(parse_train_args(sys.argv[3:]))
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["mid_write", "before_rename"])
+def test_resume_after_process_killed_while_writing_checkpoint(sd15, shapes, straight, tmp_path, where):
+    ref, ref_out = straight
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    out = tmp_path / "crashed"
+    args = _args(sd15, shapes, out, *RICH, "--max-train-steps", "8", "--checkpointing-steps", "2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(script), where, "4", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    root = out / "checkpoints"
+    assert (root / ".tmp-checkpoint-4").is_dir() and not (root / "checkpoint-4").exists()
+    assert (root / "latest").read_text().strip() == "checkpoint-2"
+    ckpt.verify_checkpoint(root / "checkpoint-2")  # the previous checkpoint is intact
+    result = train(parse_train_args([*args, "--resume-from-checkpoint", "latest"]))
+    assert not (root / ".tmp-checkpoint-4").exists()  # the partial write was cleaned up
+    assert result.losses == ref.losses[2:]
+    _assert_same(_weights(out), _weights(ref_out))
+
+
+def test_resume_after_failure_injected_between_write_and_rename(sd15, shapes, tmp_path, monkeypatch):
+    out = tmp_path / "inject"
+    args = _args(sd15, shapes, out, "--max-train-steps", "4", "--checkpointing-steps", "2")
+    real = ckpt._commit
+
+    def failing(tmp, final):
+        if final.name == "checkpoint-4":
+            raise OSError("disk full (injected)")
+        return real(tmp, final)
+
+    monkeypatch.setattr(ckpt, "_commit", failing)
+    with pytest.raises(OSError, match="injected"):
+        train(parse_train_args(args))
+    monkeypatch.setattr(ckpt, "_commit", real)
+    assert ckpt.latest_checkpoint(out / "checkpoints").name == "checkpoint-2"
+    result = train(parse_train_args([*args, "--resume-from-checkpoint", "latest"]))
+    assert result.global_step == 4 and len(result.losses) == 2
+
+
+def test_resume_atomic_pointer_and_prune_helpers(tmp_path):
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    for step in (1, 2, 3):
+        (root / f"checkpoint-{step}").mkdir()
+        (root / f"checkpoint-{step}" / "checkpoint.json").write_text(f'{{"step": {step}, "files": {{}}}}')
+    (root / "checkpoint-4").mkdir()  # no manifest: never a valid target
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [1, 2, 3]
+    assert ckpt.latest_checkpoint(root).name == "checkpoint-3"  # no pointer yet: newest complete
+    ckpt.write_text_atomic(root / "latest", "checkpoint-2\n")
+    assert ckpt.latest_checkpoint(root).name == "checkpoint-2"
+    assert not list(root.glob(".latest*"))  # no temporary file left
+    ckpt.prune_checkpoints(root, 1, keep=root / "checkpoint-2")
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [2]
+    # A crash between moving an older copy of a step aside and the rename: the old copy is restored.
+    shutil.move(root / "checkpoint-2", root / ".old-checkpoint-2")
+    (root / ".tmp-checkpoint-5").mkdir()
+    ckpt.remove_partial(root)
+    assert (root / "checkpoint-2").is_dir() and not (root / ".tmp-checkpoint-5").exists()
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        ckpt.verify_checkpoint(root / "checkpoint-4")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        ckpt.resolve_resume(str(tmp_path / "nope"), root)
