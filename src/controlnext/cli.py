@@ -11,6 +11,7 @@ COMMANDS = {
     "generate": "generate",
     "preprocess": "preprocess",
     "train": "train",
+    "train-video": "train_video",
     "demo": "demo",
     "eval": "evaluate",
     "make-dataset": "make_dataset",
