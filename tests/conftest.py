@@ -38,3 +38,32 @@ def tiny_sdxl_dir(tmp_path_factory):
     pipe = StableDiffusionXLPipeline(**tiny_pipeline_components("sdxl", root / "src"))
     pipe.save_pretrained(root / "model")
     return root / "model"
+
+
+@pytest.fixture(scope="session")
+def sd15(tmp_path_factory):
+    """A tiny SD1.5 base model folder as the training tests use it."""
+    from controlnext.training.synthetic import write_tiny_base
+
+    path = tmp_path_factory.mktemp("train-tiny-sd15")
+    write_tiny_base(path, "sd15")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sdxl(tmp_path_factory):
+    from controlnext.training.synthetic import write_tiny_base
+
+    path = tmp_path_factory.mktemp("train-tiny-sdxl")
+    write_tiny_base(path, "sdxl")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A 32-row synthetic (image, condition, caption) dataset."""
+    from controlnext.training.synthetic import write_shapes_dataset
+
+    path = tmp_path_factory.mktemp("train-shapes-32")
+    write_shapes_dataset(path, n=32)
+    return path

