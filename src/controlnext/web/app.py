@@ -560,6 +560,9 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
                 preset_info,
             ],  # fmt: skip
         )
+        # The generation settings, in the order on_generate and on_load_settings take and return them.
+        settings = [prompt, negative, steps, guidance, control_scale, control_start, control_end,
+                    seed, randomize, batch, width, height]  # fmt: skip
         run.click(
             app.on_generate,
             [
@@ -572,18 +575,7 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
                 preprocessor,
                 *option_inputs,
                 fit,
-                prompt,
-                negative,
-                steps,
-                guidance,
-                control_scale,
-                control_start,
-                control_end,
-                seed,
-                randomize,
-                batch,
-                width,
-                height,
+                *settings,
             ],  # fmt: skip
             [gallery, files, info, seed],
             concurrency_limit=1,
@@ -604,18 +596,7 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
                 low,
                 high,
                 per_channel,
-                prompt,
-                negative,
-                steps,
-                guidance,
-                control_scale,
-                control_start,
-                control_end,
-                seed,
-                randomize,
-                batch,
-                width,
-                height,
+                *settings,
             ],  # fmt: skip
             preprocess=False,
         )
