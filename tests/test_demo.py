@@ -11,9 +11,21 @@ from controlnext.cli import main
 from controlnext.demo import demo_assets, demo_cases, load_demo_pipeline
 from controlnext.evaluation import evaluate_pipeline
 
-# Set from measurement (docs/demo.md): 16 held-out cases, 20 DPM-Solver++ steps, guidance 5.
-THRESHOLDS = {"edges": 0.0, "mask": 0.0}  # minimum mean fidelity with control
-MARGIN = {"edges": 0.0, "mask": 0.0}  # minimum gain over the same seeds without control
+# Set from measurement (docs/demo.md): on these 16 held-out cases (20 DPM-Solver++ steps, guidance 5) the shipped
+# modules score edges 0.491 with / 0.165 without control, mask 0.521 / 0.176; thresholds leave room for numerics.
+THRESHOLDS = {"edges": 0.40, "mask": 0.42}  # minimum mean fidelity with control
+MARGIN = {"edges": 0.20, "mask": 0.25}  # minimum gain over the same seeds without control
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These models are tiny: on a loaded machine extra threads only add synchronisation overhead (50x slower).
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def test_assets_are_shipped_and_small():

@@ -1,0 +1,167 @@
+"""The shipped demo: a small shapes text-to-image model with ControlNeXt modules for edges and masks.
+
+Assets live inside the package (``controlnext/assets/demo``)::
+
+    base/     a diffusers Stable Diffusion folder (vae, text_encoder, tokenizer, unet, scheduler), 64x64 pixels
+    edges/    controlnext.safetensors (one file, published key layout) + README.md (model card)
+    mask/     the same for silhouette masks
+
+:func:`run_demo` generates a fixed set of held-out (prompt, condition, seed) cases with and without control, writes
+an image grid (condition | without control | with control) and returns the fidelity numbers of
+:mod:`controlnext.evaluation`. When the assets are absent (a trimmed install), it falls back to tiny *random* models
+of the same layout, flagged as ``model: "random-untrained"`` in the result, so the command still runs end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.shapes import condition_image, render_sample
+from .evaluation import CONDITION_KINDS, evaluate_pipeline
+
+__all__ = ["DEMO_SEED", "DemoResult", "demo_assets", "demo_cases", "load_demo_pipeline", "run_demo", "save_grid"]
+
+#: Shapes seed of the demo and test cases: disjoint from the training data (base: seed 0, modules: seed 1).
+DEMO_SEED = 1234
+DEMO_STEPS = 20
+DEMO_GUIDANCE = 5.0
+
+
+def demo_assets() -> Path | None:
+    """Folder of the shipped demo model inside the package, or None when it is not installed."""
+    root = Path(str(resources.files("controlnext") / "assets" / "demo"))
+    return root if (root / "base" / "model_index.json").is_file() else None
+
+
+def demo_cases(n: int, condition: str, seeds_per_prompt: int = 2, start: int = 0) -> tuple[list, list, list]:
+    """``n`` held-out cases: (prompts, condition images uint8 (H, W, 3), generator seeds).
+
+    Cases come in groups of ``seeds_per_prompt`` that share a prompt and condition but use different seeds.
+    """
+    prompts, conds, seeds = [], [], []
+    for i in range(n):
+        s = render_sample(DEMO_SEED, start + i // seeds_per_prompt)
+        prompts.append(s.caption)
+        conds.append(condition_image(s, condition))
+        seeds.append(i % seeds_per_prompt)
+    return prompts, conds, seeds
+
+
+def _random_pipeline(condition: str):
+    """Tiny random models of the demo's layout: the command runs, but the numbers mean nothing."""
+    import tempfile
+
+    from .pipelines import StableDiffusionControlNeXtPipeline
+    from .tiny import tiny_controlnext, tiny_pipeline_components
+
+    comps = tiny_pipeline_components("sd15", tempfile.mkdtemp(prefix="controlnext-demo-"))
+    module = tiny_controlnext("sd15-training", out_channels=comps["unet"].config.block_out_channels[0])
+    return StableDiffusionControlNeXtPipeline(**comps, controlnext=module)
+
+
+def load_demo_pipeline(condition: str = "edges", allow_random: bool = True):
+    """The shipped base with its ``condition`` module, as a StableDiffusionControlNeXtPipeline; returns (pipe, kind).
+
+    ``kind`` is ``"shipped"``, or ``"random-untrained"`` when the assets are missing and ``allow_random``.
+    """
+    if condition not in CONDITION_KINDS:
+        raise ValueError(f"condition must be one of {CONDITION_KINDS}, got {condition!r}.")
+    root = demo_assets()
+    module_file = root / condition / "controlnext.safetensors" if root else None
+    if root is None or not module_file.is_file():
+        if not allow_random:
+            raise FileNotFoundError("The demo model is not part of this installation (controlnext/assets/demo).")
+        return _random_pipeline(condition), "random-untrained"
+    from .loading import load_controlnext
+    from .pipelines import StableDiffusionControlNeXtPipeline
+
+    module = load_controlnext(module_file)
+    pipe = StableDiffusionControlNeXtPipeline.from_pretrained(str(root / "base"), controlnext=module)
+    return pipe, "shipped"
+
+
+def save_grid(path: Path, conditions: list, without: list, with_: list, zoom: int = 3) -> Path:
+    """One row per case: condition | without control | with control (nearest-neighbour zoom, 2 px gutters)."""
+    rows = []
+    for c, a, b in zip(conditions, without, with_):
+        cells = [np.asarray(x, np.uint8) for x in (c, a, b)]
+        gutter = np.full((cells[0].shape[0], 2, 3), 128, np.uint8)
+        rows.append(np.concatenate([cells[0], gutter, cells[1], gutter, cells[2]], axis=1))
+        rows.append(np.full((2, rows[-1].shape[1], 3), 128, np.uint8))
+    grid = np.concatenate(rows[:-1], axis=0)
+    img = Image.fromarray(grid)
+    img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@dataclass
+class DemoResult:
+    condition: str
+    model: str
+    with_control: float
+    without_control: float
+    per_case: list[dict]
+    grid: Path | None
+    seconds: float
+
+    def as_json(self) -> dict:
+        return {
+            "fidelity": {
+                "with_control": round(self.with_control, 4),
+                "without_control": round(self.without_control, 4),
+            },
+            "seconds": round(self.seconds, 2),
+            "condition": self.condition,
+            "metric": "mask IoU" if self.condition == "mask" else "edge F1 (2 px tolerance)",
+            "model": self.model,
+            "n": len(self.per_case),
+            "grid": str(self.grid) if self.grid else None,
+        }
+
+
+def run_demo(
+    condition: str = "edges",
+    output: str | Path | None = "controlnext-demo",
+    n: int = 8,
+    steps: int = DEMO_STEPS,
+    guidance: float = DEMO_GUIDANCE,
+    start: float | None = None,
+    progress: bool = False,
+) -> DemoResult:
+    """Run the demo for ``condition``; writes ``grid_<condition>.png`` and ``results_<condition>.json`` to ``output``.
+
+    ``start``: a ``time.perf_counter()`` value to count the wall time from (default: now).
+    """
+    t0 = time.perf_counter() if start is None else start
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}.")
+    torch.manual_seed(0)
+    pipe, model = load_demo_pipeline(condition)
+    prompts, conds, seeds = demo_cases(n, condition)
+    report, with_, without = evaluate_pipeline(
+        pipe, prompts, conds, condition, seeds, num_inference_steps=steps, guidance_scale=guidance, progress=progress
+    )
+    per_case = [
+        {"prompt": p, "seed": s, "with_control": round(a, 4), "without_control": round(b, 4)}
+        for p, s, a, b in zip(prompts, seeds, report.with_control, report.without_control)
+    ]
+    grid = None
+    if output is not None:
+        out = Path(output)
+        grid = save_grid(out / f"grid_{condition}.png", conds, without, with_)
+    result = DemoResult(condition, model, report.mean_with, report.mean_without, per_case, grid, 0.0)
+    result.seconds = time.perf_counter() - t0
+    if output is not None:
+        payload = dict(result.as_json(), cases=per_case)
+        (Path(output) / f"results_{condition}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return result
