@@ -51,6 +51,8 @@ def test_ci_json_has_every_row_and_field(ci_run):
         assert r["step_seconds"] > 0 and r["step_cpu_seconds"] >= 0
         assert isinstance(r["overhead"], float) and r["peak_mem_bytes"] > 0
         assert r["flops_per_step"] > 0 and r["added_params"] >= 0
+        # The control path is timed directly inside the step (hooks / the ControlNet call); the base has none.
+        assert (r["control_cpu_seconds"] is None) if name == "base" else (r["control_cpu_seconds"] > 0)
         assert name in out  # the printed table lists it
     for cfg in (False, True):
         assert rows[("base", cfg)]["overhead"] == 0.0 and rows[("base", cfg)]["added_params"] == 0

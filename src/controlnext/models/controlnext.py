@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
@@ -203,20 +204,26 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         """Finish the encoder from cached :class:`StaticFeatures` for one timestep."""
         rows = static.hidden.shape[0] // static.frames
         emb = self.time_embed(timestep, rows, static.frames)
-        block = self.down_res[0]
-        # The remainder of ResnetBlock2D.forward (default time_embedding_norm), in the same order of operations.
-        h = static.hidden + block.time_emb_proj(block.nonlinearity(emb))[:, :, None, None]
-        h = block.conv2(block.dropout(block.nonlinearity(block.norm2(h))))
-        x = (static.shortcut + h) / block.output_scale_factor
+        # Without autograd the block intermediates belong to nobody else, so they are updated in place: fewer
+        # full-size temporaries per step (bit-identical results). The cached prefix itself is never modified.
+        inplace = not torch.is_grad_enabled()
+        x = _resnet_tail(self.down_res[0], static.hidden, static.shortcut, emb, inplace, fresh=False)
         x = self.down_sample[0](x)
         for res, down in zip(self.down_res[1:], self.down_sample[1:]):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if inplace:
+                h = res.conv1(_act(res, res.norm1(x), inplace=True))
+                shortcut = res.conv_shortcut(x) if res.conv_shortcut is not None else x
+                x = _resnet_tail(res, h, shortcut, emb, inplace=True, fresh=True)
+            elif self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(res, x, emb)
             else:
                 x = res(x, emb)
             x = down(x)
         y = self.mid_convs[0](x)
-        x = y + x if self.config.mid_residual else y
+        if self.config.mid_residual:
+            x = y.add_(x) if inplace else y + x
+        else:
+            x = y
         x = self.mid_convs[1](x)
         return ControlNeXtOutput(sample=x, scale=self.effective_scale())
 
@@ -230,3 +237,27 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
     def normalize_condition(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map a condition in [0, 1] to the range this module was trained on."""
         return pixels * 2.0 - 1.0 if self.config.condition_range == "-1,1" else pixels
+
+
+def _act(block: ResnetBlock2D, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    if inplace and isinstance(block.nonlinearity, nn.SiLU):
+        return F.silu(x, inplace=True)
+    return block.nonlinearity(x)
+
+
+def _resnet_tail(
+    block: ResnetBlock2D, hidden: torch.Tensor, shortcut: torch.Tensor, emb: torch.Tensor, inplace: bool, fresh: bool
+) -> torch.Tensor:
+    """``ResnetBlock2D.forward`` after ``conv1`` (default ``time_embedding_norm``), in the same order of operations.
+
+    ``hidden`` is ``conv1``'s output and ``shortcut`` the shortcut branch. With ``inplace`` (no autograd),
+    temporaries are reused; ``hidden`` is only written to when ``fresh`` (not a cached tensor).
+    """
+    temb = block.time_emb_proj(block.nonlinearity(emb))[:, :, None, None]
+    h = hidden.add_(temb) if inplace and fresh else hidden + temb
+    h = _act(block, block.norm2(h), inplace)  # two statements: the pre-norm tensor is freed before conv2 runs
+    h = block.conv2(block.dropout(h))
+    if not inplace:
+        return (shortcut + h) / block.output_scale_factor
+    h = h.add_(shortcut)  # float addition commutes: bit-identical to shortcut + h
+    return h if block.output_scale_factor == 1.0 else h.div_(block.output_scale_factor)
