@@ -7,12 +7,15 @@ guidance), at the real architecture sizes with randomly initialised weights (not
   ``overhead`` = the median, over rounds, of (row / base with the same guidance in the same round) - 1. Rows are
   interleaved round-robin (rotating the order every round), so load from other processes hits all rows alike;
 * ``step_cpu_seconds`` / ``cpu_overhead``: the same with process CPU time, which other processes disturb less;
+* ``control_cpu_seconds`` / ``control_share`` (CPU runs): CPU time spent inside the control path itself (the
+  adapter's hooks, timed by clock hooks placed around them; ControlNet's forward call), and its share of the base step;
 * ``flops_per_step`` (``torch.utils.flop_counter.FlopCounterMode``, attention included) and ``prepare_flops`` (the
-  once-per-generation work, e.g. ControlNeXt's cached timestep-independent prefix), counted once, untimed;
+  once-per-generation work, e.g. ControlNeXt's cached timestep-independent prefix), counted once in an untimed step;
 * ``peak_mem_bytes``: the weights of every model the row uses plus the peak of bytes newly allocated from the start of
   a generation (attaching, encoding the prefix, duplicating conditions) to the end of a step. CUDA: from
   ``torch.cuda.max_memory_allocated``; CPU: from the profiler's allocation events (``tracemalloc`` cannot see torch's
-  allocator and RSS deltas are blurred by the system allocator), i.e. the CPU analogue of ``max_memory_allocated``;
+  allocator and RSS deltas are blurred by the system allocator), i.e. the CPU analogue of ``max_memory_allocated``.
+  Measured in its own untimed step (the FLOP counter's dispatch mode would turn in-place ops into copies);
 * ``added_params`` / ``trainable_params``: parameters added to the base, and those trained by the published recipe
   (the module plus the UNet subset it fine-tunes; all of ControlNet).
 
@@ -159,7 +162,7 @@ class BenchConfig:
     guidance: tuple[bool, ...] = (False, True)  # run each row without and with classifier-free guidance
     repeats: int | None = None  # timed rounds (default: the preset's)
     steps: int | None = None  # timed steps per row in each round (default: the preset's)
-    warmup: int = 0  # untimed rounds before timing (the measuring pass already runs every row once)
+    warmup: int = 0  # untimed rounds before timing (the measuring pass already runs every row twice)
     measure: bool = True  # count FLOPs and peak memory in a separate pass
     flops_only: bool = False  # build the models on the meta device: FLOPs and parameters only, no time/memory
     device: str = "cpu"
@@ -196,7 +199,7 @@ class BenchConfig:
             raise ValueError("--device cuda was asked for but torch sees no CUDA device here; use --device cpu.")
         if cfg.device not in ("cpu", "meta") and not cfg.device.startswith("cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {cfg.device!r}.")
-        step = 8 * 2 ** (2 if p.tiny else 3)  # pixels per deepest latent cell: the UNet halves the latent 1 or 3 times
+        step = 32 if p.tiny else 64  # so that every UNet level (and the encoders' 1/8 output) has an integer size
         if cfg.resolution % step:
             raise ValueError(f"resolution must be a multiple of {step} px for {p.name}, got {cfg.resolution}.")
         if cfg.flops_only:
