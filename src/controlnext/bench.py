@@ -596,7 +596,8 @@ def machine_description(device: torch.device) -> str:
         parts.append(f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM")
     except ImportError:
         pass
-    parts.append(f"{torch.get_num_threads()} torch threads")
+    threads = torch.get_num_threads()
+    parts.append(f"{threads} torch thread{'s' if threads != 1 else ''}")
     desc = ", ".join(parts)
     if device.type == "cuda":
         desc = f"{torch.cuda.get_device_name(device)} (host: {desc})"
