@@ -27,7 +27,6 @@ import datetime as dt
 import hashlib
 import importlib.util
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from controlnext.bench import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {
@@ -154,16 +155,8 @@ def steps_to(history: list[dict], threshold: float) -> int | None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only ({cpu}, {os.cpu_count()} cores)"
-    return f"{dev}; torch {torch.__version__}; Python {platform.python_version()}"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return f"{machine_description(device)}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
 def write_report(args, results: list[dict], base_fid: float, wall: float) -> None:

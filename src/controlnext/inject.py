@@ -160,7 +160,9 @@ class ControlNeXtAdapter:
         return not (self.step / n < slot.start or (self.step + 1) / n > slot.end)
 
     # ------------------------------------------------------------------ batch mapping
-    def row_index(self, rows: int, batch: int, frames: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def row_index(
+        self, rows: int, batch: int, frames: int = 1, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Map each of ``batch`` UNet samples to one of ``rows`` conditions, and give per-sample weights.
 
         Under guidance the batch is [uncond, cond] halves; inside a half, conditions are assigned prompt-major
@@ -169,7 +171,7 @@ class ControlNeXtAdapter:
         modules published without unconditional control (SVD v2). Cached, so steps allocate nothing.
         """
         guidance = bool(self.guidance() if callable(self.guidance) else self.guidance)
-        key = (rows, batch, frames, guidance)
+        key = (rows, batch, frames, guidance, dtype)
         if key in self._index_cache:
             return self._index_cache[key]
         half = batch // 2 if guidance else batch
@@ -184,7 +186,9 @@ class ControlNeXtAdapter:
         index = torch.cat([one, one]) if guidance else one
         weight = None
         if guidance:
-            weight = torch.cat([torch.zeros(half, device=device), torch.ones(half, device=device)])
+            weight = torch.cat(
+                [torch.zeros(half, device=device, dtype=dtype), torch.ones(half, device=device, dtype=dtype)]
+            )
             weight = weight.repeat_interleave(frames)[:, None, None, None]
         if rows == batch and not guidance:
             index = None
@@ -209,7 +213,7 @@ class ControlNeXtAdapter:
             rows = static.hidden.shape[0] // static.frames
             if static.frames != frames:
                 raise ValueError(f"The control has {static.frames} frames but the UNet is denoising {frames} frames.")
-            index, weight = self.row_index(rows, batch, frames)
+            index, weight = self.row_index(rows, batch, frames, slot.module.dtype)
             t = timestep
             if torch.is_tensor(t) and t.numel() > 1 and t.numel() != rows:
                 # One timestep per UNet sample: give each condition row the timestep of a sample that uses it.
@@ -218,7 +222,7 @@ class ControlNeXtAdapter:
             out = slot.module.forward_static(static, t)
             scale = out.scale * slot.scale
             if weight is not None and not slot.module.config.uncond_control:
-                scale = scale * weight.to(out.sample.dtype)
+                scale = scale * weight
             self._pending.append((slot, out.sample, scale, index))
 
     @staticmethod

@@ -7,6 +7,7 @@ import json
 import time
 
 from ..cli import UserError
+from . import add_sampling_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,15 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", default="controlnext-demo", help="output folder (default ./controlnext-demo)")
     p.add_argument("--condition", choices=("edges", "mask"), default="edges", help="condition type (default edges)")
     p.add_argument("--n", type=int, default=8, help="number of cases: prompts x 2 seeds (default 8)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: these models are tiny, and extra threads only add overhead)",
-    )
+    add_sampling_options(p)
     p.set_defaults(func=run)
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..cli import UserError
+from . import add_sampling_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,18 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", type=Path, default=None, help="evaluation data folder (imagefolder with metadata.jsonl)")
     p.add_argument("--n", type=int, default=32, help="number of cases (default 32)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    add_sampling_options(p)
     p.add_argument("--scale", type=float, default=1.0, help="control scale for the 'with control' run (default 1)")
     p.add_argument("--tolerance", type=float, default=2.0, help="edge matching tolerance in pixels (default 2)")
     p.add_argument("--output", "-o", type=Path, default=None, help="also write a grid PNG and per-case JSON here")
-    p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: these models are tiny, and extra threads only add overhead)",
-    )
     p.set_defaults(func=run)
 
 

@@ -583,6 +583,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     raw_unet = accelerator.unwrap_model(model).unet
     raw_control = accelerator.unwrap_model(model).controlnext
+    prints = gather_object([fingerprint(trainable_state())])
     if run.global_step < max_steps:  # --exit-after-steps: leave the checkpoint, export nothing yet
         say(f"stopped at step {run.global_step} of {max_steps}; continue with --resume-from-checkpoint latest")
         accelerator.end_training()
@@ -593,9 +594,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
             controlnext=raw_control,
             unet=raw_unet,
             trainable=trainable,
-            rank_fingerprints=gather_object([fingerprint(trainable_state())]),
+            rank_fingerprints=prints,
         )
-    prints = gather_object([fingerprint(trainable_state())])
     all_bad = gather_object(bad_rows) if procs > 1 else bad_rows
     load_bad = sorted(set(map(tuple, all_bad)))
     if ema is not None:
