@@ -17,7 +17,13 @@ guidance and seeds for every method. Each method runs in its own subprocess so t
 ``torch.cuda.max_memory_allocated`` on GPU) is its own. Writes ``docs/convergence.md`` (table, machine, date, steps
 to reach ``--threshold``), ``docs/convergence.png`` and the raw ``benchmarks/results/convergence.json``.
 
-Usage: ``python benchmarks/convergence.py --steps 400 --eval-every 50`` (about 20 minutes on 1 CPU thread).
+Fairness: with several ``--lrs`` each method first gets a learning-rate sweep on its own seed (``--sweep-seed``), and
+its best LR (highest mean fidelity over the evaluations after step 0, i.e. the area under its curve) is then trained
+on every ``--seeds`` seed; the report gives the mean and spread over those seeds. ``cross_norm_unet`` adds the
+published SD1.5 recipe's trainable UNet subset (attention output projections) to the cross-norm module.
+
+Usage: ``python benchmarks/convergence.py --lrs 3e-4,1e-3,3e-3 --seeds 0,1,2 --jobs 2`` (each run is about 4 minutes
+on one CPU thread; ``--jobs`` runs that many at once).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = {
     "cross_norm": "ControlNeXt (cross-norm)",
     "zero_conv": "ControlNeXt (zero-conv)",
+    "cross_norm_unet": "ControlNeXt (cross-norm) + UNet to_out",
     "controlnet": "ControlNet (diffusers)",
 }
 
@@ -87,6 +94,12 @@ def sample(loop, method, base, prompts, conds, seeds, steps: int, guidance: floa
     return list(img)
 
 
+def data_cache(args) -> Path:
+    """Encoded training data, shared by the runs' subprocesses (keyed by base, condition, size and seed)."""
+    tag = f"{Path(args.base).resolve().as_posix().replace('/', '_')}-{args.condition}-{args.n}-{args.data_seed}"
+    return ROOT / "build" / "convergence-cache" / f"{hashlib.sha1(tag.encode()).hexdigest()[:16]}.pt"
+
+
 def run_method(args) -> dict:
     """Train one method (in this process) and return its record."""
     from controlnext.data.shapes import condition_image, render_sample
@@ -96,9 +109,7 @@ def run_method(args) -> dict:
     loop = _loop_module()
     base = loop.load_base(args.base)
     # Encoded once per (base, condition, n, seed) and shared by the methods' subprocesses.
-    tag = f"{Path(args.base).resolve().as_posix().replace('/', '_')}-{args.condition}-{args.n}-{args.data_seed}"
-    cache = ROOT / "build" / "convergence-cache" / f"{hashlib.sha1(tag.encode()).hexdigest()[:16]}.pt"
-    data = loop.prepare_data(base, args.condition, args.n, args.data_seed, cache=cache)
+    data = loop.prepare_data(base, args.condition, args.n, args.data_seed, cache=data_cache(args))
     cases = [render_sample(args.eval_seed, i) for i in range(args.eval_n)]
     prompts = [s.caption for s in cases]
     cond_np = [condition_image(s, args.condition) for s in cases]
@@ -124,6 +135,8 @@ def run_method(args) -> dict:
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {
         "method": args.method,
+        "lr": args.lr,
+        "seed": args.seed,
         "prediction_type": base.prediction_type,
         "trainable_parameters": n_params,
         "seconds_per_step": round(stats["seconds_per_step"], 4),
@@ -154,111 +167,180 @@ def steps_to(history: list[dict], threshold: float) -> int | None:
     return next((h["step"] for h in history if h["fidelity"] >= threshold), None)
 
 
+def curve_score(history: list[dict]) -> float:
+    """Mean fidelity over the evaluations after step 0 (the area under the curve): what the LR sweep maximises."""
+    return float(np.mean([h["fidelity"] for h in history if h["step"] > 0]))
+
+
+def mean_curve(runs: list[dict]) -> tuple[list[int], np.ndarray]:
+    steps = [h["step"] for h in runs[0]["history"]]
+    return steps, np.array([[h["fidelity"] for h in r["history"]] for r in runs])
+
+
 def machine() -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return f"{machine_description(device)}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
-def write_report(args, results: list[dict], base_fid: float, wall: float) -> None:
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr: dict, base_fid: float, wall: float):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     docs = ROOT / "docs"
-    loop_target = results[0].get("prediction_type", "epsilon").replace("_prediction", "")
+    methods = list(finals)
+    first = finals[methods[0]][0]
+    target = first.get("prediction_type", "epsilon").replace("_prediction", "")
+    metric = "edge F1 (2 px tolerance)" if args.condition == "edges" else "mask IoU"
+    n_seeds = len(args.seed_list)
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for r in results:
-        ax.plot(
-            [h["step"] for h in r["history"]],
-            [h["fidelity"] for h in r["history"]],
-            marker="o",
-            ms=3,
-            label=f"{LABELS[r['method']]} ({r['trainable_parameters'] / 1e6:.2f} M params)",
-        )
+    for m in methods:
+        steps, curves = mean_curve(finals[m])
+        mean = curves.mean(0)
+        line = ax.plot(steps, mean, marker="o", ms=3, label=f"{LABELS[m]}, lr {_fmt_lr(best_lr[m])}")[0]
+        if n_seeds > 1:
+            ax.fill_between(steps, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15, lw=0)
     ax.axhline(base_fid, color="grey", ls=":", label="base model, no control")
     ax.axhline(args.threshold, color="black", ls="--", lw=0.8, label=f"threshold {args.threshold:g}")
-    metric = "edge F1 (2 px tolerance)" if args.condition == "edges" else "mask IoU"
     ax.set_xlabel(f"training step (batch {args.batch})")
     ax.set_ylabel(f"control fidelity: {metric}")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(f"Convergence on shapes/{args.condition} (lr {args.lr:g}, same data, seeds, budget)", fontsize=9)
+    spread = f"mean and min-max over {n_seeds} seeds" if n_seeds > 1 else "one seed"
+    ax.set_title(f"Convergence on shapes/{args.condition} (best LR per method; {spread})", fontsize=9)
     fig.tight_layout()
     fig.savefig(docs / "convergence.png")
 
-    date = dt.date.today().isoformat()
     lines = [
         "# Convergence study: Cross Normalization vs zero-convolution vs ControlNet",
         "",
-        f"Measured {date} on {machine()}, {args.threads} thread(s); whole study {wall / 60:.1f} min.",
-        f"Reproduce: `{args.command}`.",
+        f"Measured {dt.date.today().isoformat()} on {machine()}, {args.threads} thread(s) per run, {args.jobs} run(s) "
+        f"at a time; whole study {wall / 60:.1f} min.",
+        f"Reproduce: `{args.command}` (raw numbers in `benchmarks/results/convergence.json`).",
         "",
         "Setup (identical for every method): frozen shipped shapes base (64x64, 16x16x4 latents); "
         f"{args.n} training samples (shapes seed {args.data_seed}, `{args.condition}` condition); batch {args.batch}; "
-        f"AdamW lr {args.lr:g} (50-step warm-up, weight decay 0.01, grad clip 1); caption dropout 0.1; "
-        f"{loop_target} MSE at uniform timesteps; one seeded generator (seed {args.seed}) drives data order, noise and "
-        "timesteps; only the control method's own parameters train (base UNet frozen for all three). "
+        f"{args.steps} steps; AdamW (50-step warm-up, then constant LR; weight decay 0.01, grad clip 1); caption "
+        f"dropout 0.1; {target} MSE at uniform timesteps; one seeded generator per run drives data order, noise and "
+        "timesteps, so runs with the same seed see the same batches. Only the control method's parameters train, "
+        "plus, for the `+ UNet to_out` row, the UNet's attention output projections (the published SD1.5 recipe). "
         f"Fidelity: {metric} on {args.eval_n} held-out cases (shapes seed {args.eval_seed}), DPM-Solver++ "
         f"{args.eval_steps} steps, guidance {args.guidance:g}, fixed sampling seeds. "
         f"Base model alone (no control): **{base_fid:.3f}**.",
         "",
-        f"| method | trainable params | s/step | peak RSS (MB) | steps to fidelity >= {args.threshold:g} | "
-        f"fidelity @ {args.steps} steps | best fidelity |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        h = r["history"]
-        reach = steps_to(h, args.threshold)
+    if sweep:
+        lrs = sorted({r["lr"] for r in sweep})
+        lines += [
+            f"## Learning-rate sweep (seed {args.sweep_seed}, not one of the reported seeds)",
+            "",
+            "Mean fidelity over the evaluations after step 0 (area under the curve; the selection criterion), and "
+            f"the fidelity at step {args.steps} in brackets. The best LR per method is in bold.",
+            "",
+            "| method | " + " | ".join(f"lr {_fmt_lr(lr)}" for lr in lrs) + " |",
+            "|---" * (len(lrs) + 1) + "|",
+        ]
+        for m in methods:
+            cells = []
+            for lr in lrs:
+                r = next(x for x in sweep if x["method"] == m and x["lr"] == lr)
+                cell = f"{curve_score(r['history']):.3f} ({r['history'][-1]['fidelity']:.3f})"
+                cells.append(f"**{cell}**" if lr == best_lr[m] else cell)
+            lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    seeds = ", ".join(str(s) for s in args.seed_list)
+    lines += [
+        f"## Results at each method's best LR (seeds {seeds})",
+        "",
+        f"Steps to reach fidelity {args.threshold:g}: on the seed-mean curve, and per seed in brackets "
+        f"('-' = not within {args.steps}). Fidelity values are mean ± standard deviation over the seeds.",
+        "",
+        f"| method | lr | trainable params | s/step | peak RSS (MB) | steps to {args.threshold:g} | "
+        f"fidelity @ {args.steps} | mean fidelity (AUC) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        runs = finals[m]
+        steps, curves = mean_curve(runs)
+        mean = curves.mean(0)
+        reach_mean = next((s for s, f in zip(steps, mean) if f >= args.threshold), None)
+        per_seed = [steps_to(r["history"], args.threshold) for r in runs]
+        auc = [curve_score(r["history"]) for r in runs]
         lines.append(
-            f"| {LABELS[r['method']]} | {r['trainable_parameters']:,} | {r['seconds_per_step']:.3f} | "
-            f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['rss_before_training_mb']:.0f} over base+data) | "
-            f"{reach if reach is not None else f'not within {args.steps}'} | {h[-1]['fidelity']:.3f} | "
-            f"{max(x['fidelity'] for x in h):.3f} |"
+            f"| {LABELS[m]} | {_fmt_lr(best_lr[m])} | {runs[0]['trainable_parameters']:,} | "
+            f"{np.mean([r['seconds_per_step'] for r in runs]):.3f} | "
+            f"{max(r['peak_rss_mb'] for r in runs):.0f} | "
+            f"{reach_mean if reach_mean is not None else '-'} "
+            f"({', '.join('-' if x is None else str(x) for x in per_seed)}) | "
+            f"{curves[:, -1].mean():.3f} ± {curves[:, -1].std():.3f} | {np.mean(auc):.3f} ± {np.std(auc):.3f} |"
         )
     lines += [
         "",
-        "s/step: training steps only (evaluation excluded). Peak RSS: the method's own process (base, data and "
-        "training); the bracket is the growth over the RSS reached before training, which for the first method "
-        "run includes encoding the data cache, so compare that column between the later methods only.",
+        "s/step: training steps only (evaluation excluded), mean over the seeds; with several runs at a time they "
+        "share the machine, so compare s/step between rows of this table only. Peak RSS: the largest of the runs' "
+        "own processes (base, data and training).",
         "",
-        "Fidelity against training steps:",
+        "Seed-mean fidelity against training steps:",
         "",
+        "| step | " + " | ".join(LABELS[m] for m in methods) + " |",
+        "|---" * (len(methods) + 1) + "|",
     ]
-    steps = [h["step"] for h in results[0]["history"]]
-    lines.append("| step | " + " | ".join(LABELS[r["method"]] for r in results) + " |")
-    lines.append("|---" * (len(results) + 1) + "|")
-    for i, s in enumerate(steps):
-        lines.append(f"| {s} | " + " | ".join(f"{r['history'][i]['fidelity']:.3f}" for r in results) + " |")
-    lines += ["", "![fidelity vs steps](convergence.png)", ""]
-    lines += _observations(args, results, base_fid)
-    (docs / "convergence.md").write_text("\n".join(lines) + "\n")
+    steps = [h["step"] for h in first["history"]]
+    curves = {m: mean_curve(finals[m])[1] for m in methods}
+    for i, st in enumerate(steps):
+        cells = [f"{curves[m][:, i].mean():.3f} ± {curves[m][:, i].std():.3f}" for m in methods]
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    lines += ["", "![fidelity vs steps](convergence.png)", "", "## Observations (computed)", ""]
+    by_auc = sorted(methods, key=lambda m: -np.mean([curve_score(r["history"]) for r in finals[m]]))
+    lines.append("- Ranking by mean fidelity over the run: " + " > ".join(LABELS[m] for m in by_auc) + ".")
+    if "cross_norm" in finals and "controlnet" in finals:
+        ratio = finals["controlnet"][0]["trainable_parameters"] / finals["cross_norm"][0]["trainable_parameters"]
+        lines.append(f"- ControlNet trains {ratio:.1f}x the parameters of the ControlNeXt module.")
+    (docs / "convergence.md").write_text("\n".join(lines) + "\n" + DISCUSSION_MARKER + "\n" + _discussion(docs))
 
 
-def _observations(args, results: list[dict], base_fid: float) -> list[str]:
-    """Plain statements computed from the numbers (no interpretation beyond them)."""
-    out = ["## Observations (computed)", ""]
-    by = {r["method"]: r for r in results}
-    for r in results:
-        h = r["history"]
-        out.append(
-            f"- {LABELS[r['method']]}: fidelity {h[0]['fidelity']:.3f} at step 0 (base alone {base_fid:.3f}), "
-            f"{h[-1]['fidelity']:.3f} after {h[-1]['step']} steps; reaches {args.threshold:g} "
-            + (f"at step {steps_to(h, args.threshold)}" if steps_to(h, args.threshold) is not None else "not at all")
-            + f"; {r['trainable_parameters']:,} trainable parameters, {r['seconds_per_step']:.3f} s/step."
-        )
-    if "cross_norm" in by and "controlnet" in by:
-        ratio = by["controlnet"]["trainable_parameters"] / by["cross_norm"]["trainable_parameters"]
-        out.append(f"- ControlNet trains {ratio:.1f}x the parameters of the ControlNeXt module.")
-    return out + [""]
+DISCUSSION_MARKER = "<!-- discussion: written by hand, kept when the report is regenerated -->"
+
+
+def _discussion(docs: Path) -> str:
+    """The hand-written discussion below the marker of the current report, kept across regenerations."""
+    old = docs / "convergence.md"
+    if old.is_file() and DISCUSSION_MARKER in old.read_text():
+        return old.read_text().split(DISCUSSION_MARKER, 1)[1].lstrip("\n")
+    return ""
+
+
+def _run_all(args, jobs: list[tuple[str, float, int]], passthrough: list[str]) -> list[dict]:
+    """Run (method, lr, seed) jobs in subprocesses, ``args.jobs`` at a time, in the given order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job: tuple[str, float, int]) -> dict:
+        m, lr, seed = job
+        cmd = [sys.executable, __file__, *passthrough, "--method", m, "--lr", repr(lr), "--seed", str(seed)]
+        proc = subprocess.run(cmd + ["--base", args.base], stdout=subprocess.PIPE, text=True, check=False)
+        out = proc.stdout.splitlines()
+        sys.stdout.write("".join(line + "\n" for line in out if not line.startswith("RESULT ")))
+        if proc.returncode != 0:
+            raise RuntimeError(f"run {job} failed with exit code {proc.returncode}")
+        return json.loads(next(x for x in out if x.startswith("RESULT "))[7:])
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return list(pool.map(one, jobs))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=None, help="base model folder (default: the shipped demo base)")
     p.add_argument("--condition", choices=("edges", "mask"), default="edges")
-    p.add_argument("--methods", default="cross_norm,zero_conv,controlnet")
+    p.add_argument("--methods", default="cross_norm,zero_conv,cross_norm_unet,controlnet")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-n", type=int, default=16)
@@ -266,13 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-seed", type=int, default=4321)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lrs", default="1e-3", help="learning rates; with several, each method keeps its best")
+    p.add_argument("--seeds", default="0", help="training seeds reported at each method's best LR")
+    p.add_argument("--sweep-seed", type=int, default=100, help="training seed of the LR sweep's runs")
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--data-seed", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each in its own process)")
     p.add_argument("--threshold", type=float, default=0.5, help="fidelity threshold for 'steps to reach'")
-    p.add_argument("--method", default=None, help=argparse.SUPPRESS)  # internal: run one method, print JSON
+    p.add_argument("--method", default=None, help=argparse.SUPPRESS)  # internal: one run, printed as JSON
+    p.add_argument("--lr", type=float, default=1e-3, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out-json", type=Path, default=ROOT / "benchmarks" / "results" / "convergence.json")
     args = p.parse_args(argv)
     if args.base is None:
@@ -286,36 +372,42 @@ def main(argv: list[str] | None = None) -> int:
         rec = run_method(args)
         print("RESULT " + json.dumps(rec), flush=True)
         return 0
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in LABELS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {list(LABELS)}")
+    lrs = [float(x) for x in args.lrs.split(",")]
+    args.seed_list = [int(x) for x in args.seeds.split(",")]
 
     t0 = time.time()
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
-    results = []
-    for m in args.methods.split(","):
-        cmd = [sys.executable, __file__, *passthrough, "--method", m, "--base", args.base]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-        sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines() if not line.startswith("RESULT ")))
-        if proc.returncode != 0:
-            print(f"method {m} failed with exit code {proc.returncode}", file=sys.stderr)
-            return 1
-        results.append(json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:]))
+    passthrough = list(argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(args.threads)
+    # Encode the shared data once here, so parallel runs do not race to write the cache.
+    loop = _loop_module()
+    loop.prepare_data(loop.load_base(args.base), args.condition, args.n, args.data_seed, cache=data_cache(args))
+    sweep: list[dict] = []
+    best_lr = {m: lrs[0] for m in methods}
+    if len(lrs) > 1:
+        sweep = _run_all(args, [(m, lr, args.sweep_seed) for m in methods for lr in lrs], passthrough)
+        for m in methods:
+            best_lr[m] = max((r for r in sweep if r["method"] == m), key=lambda r: curve_score(r["history"]))["lr"]
+        print("best learning rates: " + json.dumps(best_lr), flush=True)
+    runs = _run_all(args, [(m, best_lr[m], s) for m in methods for s in args.seed_list], passthrough)
+    finals = {m: [r for r in runs if r["method"] == m] for m in methods}
     base_fid = baseline(args)
     args.command = "python benchmarks/convergence.py " + " ".join(passthrough)
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
-    args.out_json.write_text(
-        json.dumps(
-            {
-                "args": {k: v for k, v in vars(args).items() if k != "out_json"},
-                "machine": machine(),
-                "date": dt.date.today().isoformat(),
-                "base_fidelity": base_fid,
-                "results": results,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
-    write_report(args, results, base_fid, time.time() - t0)
+    record = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("out_json", "method", "lr", "seed")},
+        "machine": machine(),
+        "date": dt.date.today().isoformat(),
+        "base_fidelity": base_fid,
+        "best_lr": best_lr,
+        "sweep": sweep,
+        "results": runs,
+    }
+    args.out_json.write_text(json.dumps(record, indent=1) + "\n")
+    write_report(args, sweep, finals, best_lr, base_fid, time.time() - t0)
     print(f"wrote docs/convergence.md, docs/convergence.png, {args.out_json}")
     return 0
 

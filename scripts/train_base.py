@@ -193,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--vae", type=Path, default=None, help="reuse the VAE of this model folder (skips stage 1)")
     p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="continue from this model folder: its VAE, text encoder, tokenizer and UNet (implies --vae)",
+    )
+    p.add_argument(
         "--prediction-type",
         choices=("v_prediction", "epsilon"),
         default="v_prediction",
@@ -205,11 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="after the warm-up: constant, or cosine decay to 0 at --unet-steps (which it requires)",
+    )
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--min-snr", type=float, default=5.0)
     p.add_argument("--save-every", type=float, default=300, help="seconds between checkpoints")
     args = p.parse_args(argv)
+    if args.lr_schedule == "cosine" and not args.unet_steps:
+        p.error("--lr-schedule cosine needs a fixed --unet-steps")
+    if args.init is not None:
+        args.vae = args.init
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -244,8 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     log(f"encoded {len(lats)} latents {tuple(lats.shape[1:])} in {time.time() - t0:.0f} s, std {lats.std():.3f}")
 
     torch.manual_seed(args.seed)
-    text_encoder, tokenizer = make_text_encoder(work)
-    unet = make_unet()
+    if args.init is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        text_encoder = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(args.init, subfolder="tokenizer")
+        unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet")
+        prev = args.init / "training.json"
+        info["init"] = json.loads(prev.read_text()) if prev.is_file() else str(args.init)
+        log(f"continuing from the text encoder and UNet of {args.init}")
+    else:
+        text_encoder, tokenizer = make_text_encoder(work)
+        unet = make_unet()
     ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -254,7 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M parameters"
     )
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+
+    def lr_factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / args.warmup)
+        if args.lr_schedule == "constant" or s < args.warmup:
+            return warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - args.warmup) / max(1, args.unet_steps - args.warmup))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
 
@@ -273,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             total_seconds=round(time.time() - t_start),
             batch=args.batch,
             lr=args.lr,
+            lr_schedule=args.lr_schedule,
             ema=args.ema,
             n_train=args.n_train,
             threads=args.threads,

@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """Train a control module (ControlNeXt cross-norm, ControlNeXt zero-conv, or a diffusers ControlNet) on the shapes data.
 
-A minimal, deterministic training loop shared by the shipped demo modules and ``benchmarks/convergence.py``, so
-every method sees the same base, data order, noise, timesteps, batch size, steps and optimiser:
+A minimal, deterministic training loop for ``benchmarks/convergence.py`` (the shipped demo modules are trained with
+``controlnext train``, see ``scripts/train_demo_all.sh``), so every method sees the same base, data order, noise,
+timesteps, batch size, steps and optimiser:
 
 * base: a diffusers Stable Diffusion folder (``scripts/train_base.py``), frozen (VAE, text encoder and UNet);
 * data: ``--n`` shapes samples rendered from ``--seed`` (latents = VAE posterior means x scaling_factor, text
   embeddings of the captions, condition images in [0, 1]), encoded once and kept in memory;
 * objective: MSE to the base's prediction target (epsilon or v) at uniform timesteps, captions dropped (empty
   prompt) with p = 0.1, AdamW, constant LR after a 50-step warm-up, gradient clipping at 1;
-* trainable: the control module only. ControlNeXt is applied with :func:`controlnext.attach` on the stock UNet
-  (``cache_static=False`` so gradients reach the encoder's prefix); ControlNet is ``ControlNetModel.from_unet``
-  with its residuals passed to the UNet, as diffusers' ``train_controlnet.py`` does.
+* trainable: the control module only, except ``cross_norm_unet``, which also trains the UNet subset the published
+  SD1.5 recipe unfreezes (every attention output projection, ``to_out``). ControlNeXt is applied with
+  :func:`controlnext.attach` on the stock UNet (``cache_static=False`` so gradients reach the encoder's prefix);
+  ControlNet is ``ControlNetModel.from_unet`` with its residuals passed to the UNet, as diffusers'
+  ``train_controlnet.py`` does.
 
 Usage: ``python scripts/train_demo_controlnext.py BASE OUT --condition edges --steps 1500``; writes
 ``OUT/controlnext.safetensors`` (one file, published key layout, config in its metadata) and ``OUT/training.json``.
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 from controlnext.data.shapes import condition_image, render_sample
 
-METHODS = ("cross_norm", "zero_conv", "controlnet")
+METHODS = ("cross_norm", "zero_conv", "controlnet", "cross_norm_unet")
 
 #: The demo's control-module size: the `sd15-training` structure (injected after down block 0) with fewer channels.
 SMALL_CONTROLNEXT = dict(
@@ -130,6 +133,7 @@ class Method:
         if name not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {name!r}.")
         self.name, self.base = name, base
+        self.unet_params: list[torch.nn.Parameter] = []
         torch.manual_seed(seed)
         unet = base.unet
         if name == "controlnet":
@@ -140,16 +144,21 @@ class Method:
             self.adapter = None
         else:
             from controlnext import ControlNeXtModel, attach
+            from controlnext.training.trainable import DEFAULT_UNET_PATTERNS, select_unet_parameters
 
+            norm = "cross_norm" if name == "cross_norm_unet" else name
             self.model = ControlNeXtModel.from_variant(
-                "sd15-training", out_channels=unet.config.block_out_channels[0], normalization=name, **SMALL_CONTROLNEXT
+                "sd15-training", out_channels=unet.config.block_out_channels[0], normalization=norm, **SMALL_CONTROLNEXT
             )
             self.adapter = attach(unet, self.model, cache_static=False)
+            if name == "cross_norm_unet":
+                names = set(select_unet_parameters(unet, DEFAULT_UNET_PATTERNS["sd15"]))
+                self.unet_params = [p.requires_grad_(True) for n, p in unet.named_parameters() if n in names]
         self.model.train()
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return [p for p in self.model.parameters() if p.requires_grad] + self.unet_params
 
     def predict(self, xt, t, emb, cond) -> torch.Tensor:
         unet = self.base.unet
