@@ -149,13 +149,11 @@ def run_method(args) -> dict:
     }
 
 
-def baseline(args) -> float:
+def baseline(args, loop, base) -> float:
     """Fidelity of the base model alone (no control) on the same cases and seeds."""
     from controlnext.data.shapes import condition_image, render_sample
     from controlnext.evaluation import mean_fidelity
 
-    loop = _loop_module()
-    base = loop.load_base(args.base)
     cases = [render_sample(args.eval_seed, i) for i in range(args.eval_n)]
     imgs = sample(
         loop, None, base, [s.caption for s in cases], None, range(args.eval_n), args.eval_steps, args.guidance
@@ -182,10 +180,6 @@ def machine() -> str:
     return f"{machine_description(device)}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
-def _fmt_lr(lr: float) -> str:
-    return f"{lr:g}"
-
-
 def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr: dict, base_fid: float, wall: float):
     import matplotlib
 
@@ -203,7 +197,7 @@ def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr
     for m in methods:
         steps, curves = mean_curve(finals[m])
         mean = curves.mean(0)
-        line = ax.plot(steps, mean, marker="o", ms=3, label=f"{LABELS[m]}, lr {_fmt_lr(best_lr[m])}")[0]
+        line = ax.plot(steps, mean, marker="o", ms=3, label=f"{LABELS[m]}, lr {best_lr[m]:g}")[0]
         if n_seeds > 1:
             ax.fill_between(steps, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15, lw=0)
     ax.axhline(base_fid, color="grey", ls=":", label="base model, no control")
@@ -244,7 +238,7 @@ def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr
             "Mean fidelity over the evaluations after step 0 (area under the curve; the selection criterion), and "
             f"the fidelity at step {args.steps} in brackets. The best LR per method is in bold.",
             "",
-            "| method | " + " | ".join(f"lr {_fmt_lr(lr)}" for lr in lrs) + " |",
+            "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
             "|---" * (len(lrs) + 1) + "|",
         ]
         for m in methods:
@@ -275,7 +269,7 @@ def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr
         per_seed = [steps_to(r["history"], args.threshold) for r in runs]
         auc = [curve_score(r["history"]) for r in runs]
         lines.append(
-            f"| {LABELS[m]} | {_fmt_lr(best_lr[m])} | {runs[0]['trainable_parameters']:,} | "
+            f"| {LABELS[m]} | {best_lr[m]:g} | {runs[0]['trainable_parameters']:,} | "
             f"{np.mean([r['seconds_per_step'] for r in runs]):.3f} | "
             f"{max(r['peak_rss_mb'] for r in runs):.0f} | "
             f"{reach_mean if reach_mean is not None else '-'} "
@@ -384,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # Encode the shared data once here, so parallel runs do not race to write the cache.
     loop = _loop_module()
-    loop.prepare_data(loop.load_base(args.base), args.condition, args.n, args.data_seed, cache=data_cache(args))
+    base = loop.load_base(args.base)
+    loop.prepare_data(base, args.condition, args.n, args.data_seed, cache=data_cache(args))
     sweep: list[dict] = []
     best_lr = {m: lrs[0] for m in methods}
     if len(lrs) > 1:
@@ -394,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         print("best learning rates: " + json.dumps(best_lr), flush=True)
     runs = _run_all(args, [(m, best_lr[m], s) for m in methods for s in args.seed_list], passthrough)
     finals = {m: [r for r in runs if r["method"] == m] for m in methods}
-    base_fid = baseline(args)
+    base_fid = baseline(args, loop, base)
     args.command = "python benchmarks/convergence.py " + " ".join(passthrough)
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     record = {
