@@ -95,8 +95,15 @@ def sample(loop, method, base, prompts, conds, seeds, steps: int, guidance: floa
 
 
 def data_cache(args) -> Path:
-    """Encoded training data, shared by the runs' subprocesses (keyed by base, condition, size and seed)."""
-    tag = f"{Path(args.base).resolve().as_posix().replace('/', '_')}-{args.condition}-{args.n}-{args.data_seed}"
+    """Encoded training data, shared by the runs' subprocesses (keyed by the encoders' bytes, condition, size, seed).
+
+    Keyed by content, not path: a retrained base in the same folder must not reuse stale latents or embeddings.
+    """
+    digest = hashlib.sha1()
+    for part in ("vae", "text_encoder"):
+        for f in sorted((Path(args.base) / part).glob("*.safetensors")):
+            digest.update(f.read_bytes())
+    tag = f"{digest.hexdigest()}-{args.condition}-{args.n}-{args.data_seed}"
     return ROOT / "build" / "convergence-cache" / f"{hashlib.sha1(tag.encode()).hexdigest()[:16]}.pt"
 
 

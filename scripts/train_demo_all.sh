@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
 # Reproduce the shipped demo weights (src/controlnext/assets/demo) and their model cards, on CPU.
 #   bash scripts/train_demo_all.sh [BUILD_DIR]        (default build/demo; about 1.5 h on one thread)
+# ASSETS=DIR writes the weights, cards and metrics.json there instead of into the package (to check a rerun).
 # Step counts are fixed (not time budgets), so a rerun gives the same weights on the same thread count.
+# A stage whose output is complete is not run again, so an interrupted run continues where it stopped.
 set -euo pipefail
 BUILD=${1:-build/demo}
 THREADS=${THREADS:-1}
 VAE_STEPS=${VAE_STEPS:-1983}
 UNET_STEPS=${UNET_STEPS:-7260}
+ANNEAL_STEPS=${ANNEAL_STEPS:-6000}
 MODULE_STEPS=${MODULE_STEPS:-2000}
 MODULE_CONFIG='{"embedding_channels": [16, 16, 32], "block_in_channels": [32, 32], "block_out_channels": [32, 64], "groups": [4, 8], "mid_groups": 8}'
 mkdir -p "$BUILD"
+done_() { [ -f "$1/training.json" ] && grep -q '"final": true' "$1/training.json"; }
 
-# 1. Base model: VAE, then text encoder + UNet (v-prediction), in the diffusers SD layout.
-python scripts/train_base.py "$BUILD/base" --seed 0 --threads "$THREADS" \
+# 1. Base model: VAE, then text encoder + UNet (v-prediction) at a constant LR, in the diffusers SD layout.
+done_ "$BUILD/base_stage1" || python scripts/train_base.py "$BUILD/base_stage1" --seed 0 --threads "$THREADS" \
     --vae-steps "$VAE_STEPS" --n-train 16000 --unet-steps "$UNET_STEPS"
 
-# 2. One ControlNeXt module per condition, with `controlnext train` on a 4000-sample shapes dataset (seed 1).
+# 2. Continue the text encoder + UNet with a cosine LR anneal (fresh data seed): sharper shapes (docs/demo.md).
+done_ "$BUILD/base" || python scripts/train_base.py "$BUILD/base" --init "$BUILD/base_stage1" --seed 1 \
+    --threads "$THREADS" --n-train 16000 --unet-steps "$ANNEAL_STEPS" --lr-schedule cosine
+
+# 3. One ControlNeXt module per condition, with `controlnext train` on a 4000-sample shapes dataset (seed 1).
 for COND in edges mask; do
-    controlnext make-dataset "$BUILD/data_$COND" --n 4000 --seed 1 --condition "$COND"
+    [ -f "$BUILD/data_$COND/dataset.json" ] \
+        || controlnext make-dataset "$BUILD/data_$COND" --n 4000 --seed 1 --condition "$COND"
     CMD=(controlnext train --pretrained-model "$BUILD/base" --dataset "$BUILD/data_$COND"
          --controlnext-variant sd15-training --controlnext-config "$MODULE_CONFIG" --train-unet none
          --resolution 64 --caption-dropout 0.1 --train-batch-size 16 --learning-rate 1e-3
          --max-train-steps "$MODULE_STEPS" --checkpointing-steps 250 --seed 0 --cpu --cpu-threads "$THREADS"
          --output-dir "$BUILD/$COND")
-    "${CMD[@]}"
+    [ -f "$BUILD/$COND/train_summary.json" ] || "${CMD[@]}"
     printf '%q ' "${CMD[@]}" > "$BUILD/$COND/command.txt"
 done
 
-# 3. Copy into the package, measure (colour/shape accuracy, control fidelity), write the model cards.
-python scripts/train_demo_ship.py "$BUILD" --threads "$THREADS"
+# 4. Copy into the package, measure (colour/shape accuracy, control fidelity), write the model cards.
+python scripts/train_demo_ship.py "$BUILD" --threads "$THREADS" ${ASSETS:+--assets "$ASSETS"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -40,6 +41,7 @@ def base_accuracy(base: Path, n: int, steps: int, guidance: float) -> dict:
     samples = [render_sample(DEMO_SEED, 10_000 + i) for i in range(n)]
     hits = {"colour": 0, "shape": 0, "background": 0, "all": 0}
     truth = {"colour": 0, "shape": 0, "background": 0}
+    per_shape: dict[str, list[int]] = {}  # asked shape -> [drawn as asked, asked]
     for i in range(0, n, 16):
         chunk = samples[i : i + 16]
         gens = [torch.Generator().manual_seed(j) for j in range(i, i + len(chunk))]
@@ -56,6 +58,9 @@ def base_accuracy(base: Path, n: int, steps: int, guidance: float) -> dict:
             for k, v in zip(("colour", "shape", "background"), ok):
                 hits[k] += v
             hits["all"] += all(ok)
+            counts = per_shape.setdefault(s.meta["shape"], [0, 0])
+            counts[0] += ok[1]
+            counts[1] += 1
             c, sh, b = describe(s.image)
             for k, v in zip(("colour", "shape", "background"), (c, sh, b)):
                 truth[k] += v == s.meta[k]
@@ -63,14 +68,19 @@ def base_accuracy(base: Path, n: int, steps: int, guidance: float) -> dict:
         "n": n,
         "generated": {k: round(v / n, 3) for k, v in hits.items()},
         "reader_on_ground_truth": {k: round(v / n, 3) for k, v in truth.items()},
+        "shape_hits": {k: f"{a}/{b}" for k, (a, b) in sorted(per_shape.items())},
     }
 
 
-def module_fidelity(condition: str, n: int, steps: int, guidance: float) -> dict:
-    from controlnext.demo import demo_cases, load_demo_pipeline
+def module_fidelity(assets: Path, condition: str, n: int, steps: int, guidance: float) -> dict:
+    from controlnext.demo import demo_cases
     from controlnext.evaluation import evaluate_pipeline
+    from controlnext.loading import load_controlnext
+    from controlnext.pipelines import StableDiffusionControlNeXtPipeline
 
-    pipe, kind = load_demo_pipeline(condition, allow_random=False)
+    module = load_controlnext(assets / condition / "controlnext.safetensors")
+    pipe = StableDiffusionControlNeXtPipeline.from_pretrained(str(assets / "base"), controlnext=module)
+    pipe.set_progress_bar_config(disable=True)
     prompts, conds, seeds = demo_cases(n, condition)
     report, _, _ = evaluate_pipeline(pipe, prompts, conds, condition, seeds, steps, guidance)
     per = np.array(report.with_control) - np.array(report.without_control)
@@ -79,6 +89,17 @@ def module_fidelity(condition: str, n: int, steps: int, guidance: float) -> dict
 
 def base_card(info: dict, acc: dict, size_mb: float) -> str:
     g, t = acc["generated"], acc["reader_on_ground_truth"]
+    # A base trained in two runs (constant LR, then a cosine anneal with --init) records the first in "init".
+    stages = [info["init"], info] if isinstance(info.get("init"), dict) else [info]
+    first = stages[0]
+    runs = "; then ".join(
+        f"{st['unet_steps']} steps at {'a cosine-annealed' if st.get('lr_schedule') == 'cosine' else 'a constant'} "
+        f"LR {st['lr']} (data seed {st['seed']})"
+        for st in stages
+    )
+    minutes = sum(st["total_seconds"] for st in stages) / 60
+    commands = "\n".join(st["command"] for st in stages)
+    per_shape = ", ".join(f"{k} {v}" for k, v in acc.get("shape_hits", {}).items())
     return f"""# controlnext demo base: a 64x64 "shapes" text-to-image model
 
 A small Stable Diffusion-layout model (diffusers `StableDiffusionPipeline` folder: `vae/`, `text_encoder/`,
@@ -88,11 +109,11 @@ offline. Trained from scratch on CPU; {size_mb:.1f} MB of safetensors.
 
 | part | what |
 |---|---|
-| data | procedural shapes (`controlnext.data.shapes`, seed {info["seed"]}): 5 shapes x 8 colours x 7 backgrounds, random size, position, rotation; {info["n_train"]} samples for the UNet |
-| VAE | `AutoencoderKL`, 3 blocks (32, 64, 64), 4x factor: 64x64x3 <-> 16x16x4; {info["vae_steps"]} steps on 32x32 crops; held-out PSNR {info["vae_psnr_db"]} dB |
+| data | procedural shapes (`controlnext.data.shapes`): 5 shapes x 8 colours x 7 backgrounds, random size, position, rotation; {info["n_train"]} samples per UNet run |
+| VAE | `AutoencoderKL`, 3 blocks (32, 64, 64), 4x factor: 64x64x3 <-> 16x16x4; {first["vae_steps"]} steps on 32x32 crops; held-out PSNR {first["vae_psnr_db"]} dB |
 | text encoder | CLIP text model, 2 layers, width 64, word-level vocabulary (every caption word one token), 16 tokens; trained jointly with the UNet |
-| UNet | `UNet2DConditionModel` (32, 64, 64), cross-attention at 8x8 and 4x4; epsilon prediction, DDPM linear betas, Min-SNR-5 weighting, 10 % empty captions |
-| training | {info["unet_steps"]} steps, batch {info["batch"]}, AdamW lr {info["lr"]}, EMA {info["ema"]} (saved), {info["threads"]} CPU thread; {info["total_seconds"] / 60:.0f} min wall time in total |
+| UNet | `UNet2DConditionModel` (32, 64, 64), cross-attention at 8x8 and 4x4; v-prediction, DDPM linear betas, Min-SNR-5 weighting, 10 % empty captions |
+| training | {runs}; batch {info["batch"]}, AdamW, EMA {info["ema"]} (saved), {info["threads"]} CPU thread; {minutes:.0f} min wall time in total |
 | scheduler | `DPMSolverMultistepScheduler` (use about 20 steps, guidance 5) |
 
 ## Measured (held-out captions, shapes seed 1234, 20 steps, guidance 5, {acc["n"]} images)
@@ -107,12 +128,12 @@ foreground median, kind from the silhouette's solidity / hull vertices / circula
 | background colour | {g["background"]:.0%} | {t["background"]:.0%} |
 | all three | {g["all"]:.0%} | |
 
-Chance levels: colour 1/8, shape 1/5, background 1/7.
+Chance levels: colour 1/8, shape 1/5, background 1/7. Shape kind drawn as asked, per asked shape: {per_shape}.
 
 ## Reproduce
 
 ```
-{info["command"]}
+{commands}
 ```
 
 (see `docs/demo.md`; deterministic on CPU for a given thread count).
@@ -157,20 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-base", type=int, default=64)
     p.add_argument("--n-fidelity", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--assets", type=Path, default=ASSETS, help="destination (default: the package's; another folder for a check)"
+    )
     args = p.parse_args(argv)
+    assets = args.assets
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
     # 1. Copy the weights (only what a pipeline loads).
-    dst = ASSETS / "base"
+    dst = assets / "base"
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     for part in BASE_PARTS:
         src = args.build / "base" / part
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst / part)
     for cond in ("edges", "mask"):
-        (ASSETS / cond).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(args.build / cond / "controlnext.safetensors", ASSETS / cond / "controlnext.safetensors")
+        (assets / cond).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(args.build / cond / "controlnext.safetensors", assets / cond / "controlnext.safetensors")
 
     # 2. Measure and write the cards.
     info = json.loads((args.build / "base" / "training.json").read_text())
@@ -181,16 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {"base": acc}
     for cond in ("edges", "mask"):
         summary = json.loads((args.build / cond / "train_summary.json").read_text())
-        fid = module_fidelity(cond, args.n_fidelity, 20, 5.0)
+        fid = module_fidelity(assets, cond, args.n_fidelity, 20, 5.0)
         print(cond, json.dumps(fid), flush=True)
         metrics[cond] = fid
         cmd_file = args.build / cond / "command.txt"
-        command = cmd_file.read_text().strip() if cmd_file.is_file() else "see docs/demo.md"
-        msize = (ASSETS / cond / "controlnext.safetensors").stat().st_size / 2**20
-        (ASSETS / cond / "README.md").write_text(module_card(cond, summary, fid, msize, command))
-    (ASSETS / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file()) / 2**20
-    print(f"shipped {total:.1f} MB to {ASSETS} in {time.time() - t0:.0f} s")
+        # command.txt is bash `printf %q` output; re-quote it in the readable single-quote style.
+        command = shlex.join(shlex.split(cmd_file.read_text())) if cmd_file.is_file() else "see docs/demo.md"
+        msize = (assets / cond / "controlnext.safetensors").stat().st_size / 2**20
+        (assets / cond / "README.md").write_text(module_card(cond, summary, fid, msize, command))
+    (assets / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    total = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file()) / 2**20
+    print(f"shipped {total:.1f} MB to {assets} in {time.time() - t0:.0f} s")
     return 0
 
 

@@ -191,6 +191,26 @@ def test_lora_loads_with_weight(tmp_path, tiny_loaded):
         load_model(ModelSpec(label="x", base=TINY, controlnext=TINY, lora=str(tmp_path / "missing.safetensors")))
 
 
+def test_sdxl_model_generates_and_reproduces(tiny_sdxl_dir, tmp_path):
+    from controlnext.tiny import tiny_controlnext
+
+    tiny_controlnext("sdxl").save_pretrained(tmp_path / "cn")
+    spec = ModelSpec(label="xl", base=str(tiny_sdxl_dir), controlnext=str(tmp_path / "cn"))
+    loaded = load_model(spec)
+    assert loaded.family == "sdxl" and type(loaded.pipe).__name__ == "StableDiffusionXLControlNeXtPipeline"
+    settings = GenerationSettings(prompt="a red star", steps=2, guidance=3.0, seed=3, width=64, height=64,
+                                  base=spec.base, controlnext=spec.controlnext, preprocessor="none")  # fmt: skip
+    paths, cond_path, _ = generate(loaded.pipe, square_condition(), settings, tmp_path / "out")
+    again, _, _ = generate(loaded.pipe, Image.open(cond_path), GenerationSettings.from_json(read_settings(paths[0])),
+                           tmp_path / "again")  # fmt: skip
+    first = np.asarray(Image.open(paths[0]), int)
+    assert np.abs(first - np.asarray(Image.open(again[0]), int)).max() <= 2
+    off = GenerationSettings.from_json(dict(read_settings(paths[0]), control_scale=0.0))
+    no_control, _, _ = generate(loaded.pipe, square_condition(), off, tmp_path / "off")
+    diff = np.abs(first - np.asarray(Image.open(no_control[0]), int)).mean()
+    assert diff > 1
+
+
 def test_model_cache_reuses_and_evicts(monkeypatch):
     import controlnext.web.models as models
 

@@ -200,6 +200,8 @@ def test_browser_generate_follows_condition_and_errors_show_in_page(server):
             for name, message in cases:
                 upload.set_input_files(str(server.files / name))
                 page.get_by_text(message).first.wait_for()
+                page.wait_for_timeout(1500)  # a repeated `change` event must not add a second message
+                assert page.get_by_text(message).count() == 1, name
             upload.set_input_files(str(server.files / "shape.png"))
             page.wait_for_selector("#cnx-preview img")
             page.locator("#cnx-canny-low input[type=number]").fill("300")

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .. import preprocess as pp
 from .generation import GenerationSettings, generate, read_settings, resolve_seed
-from .limits import ALLOWED_IMAGE_SUFFIXES, Limits, UploadError, load_upload
+from .limits import ALLOWED_IMAGE_SUFFIXES, Limits, UploadError, load_upload, user_error
 from .models import (
     ModelCache,
     ModelSpec,
@@ -117,6 +117,7 @@ class App:
 
     def __init__(self, config: WebConfig):
         self.config = config
+        self._last_preview_error: tuple[Any, float] = (None, 0.0)  # (session, upload, message), time
         self.cache = ModelCache(config.cache_models)
         self.presets = {spec.label: spec for spec in config.models}
 
@@ -211,13 +212,35 @@ class App:
         )
 
     def on_preview(
-        self, upload, preprocessor, low, high, per_channel, threshold, invert, mode, thick, segs, src, w, h, fit
-    ):  # noqa: E501
+        self,
+        upload,
+        preprocessor,
+        low,
+        high,
+        per_channel,
+        threshold,
+        invert,
+        mode,
+        thick,
+        segs,
+        src,
+        w,
+        h,
+        fit,
+        request: gr.Request | None = None,
+    ):
         try:
             opts = self.options(preprocessor, low, high, per_channel, threshold, invert, mode, thick, segs, src)
             return self.condition(upload, preprocessor, opts, w, h, fit)
         except (ValueError, FileNotFoundError, OSError) as err:
-            raise gr.Error(str(err), title="Condition") from None
+            # The browser fires `change` twice for some refused uploads: show one message for the same failure.
+            key = (getattr(request, "session_hash", None), str(upload), str(err))
+            now = time.monotonic()
+            last_key, last_at = self._last_preview_error
+            self._last_preview_error = (key, now)
+            if key == last_key and now - last_at < 3.0:
+                return gr.skip()
+            raise user_error(err, "Condition") from None
 
     def on_generate(
         self,
@@ -298,7 +321,7 @@ class App:
                     on_step=lambda i, n: progress((i, n), desc="Denoising", unit="steps"),
                 )
         except (ValueError, FileNotFoundError, UploadError) as err:
-            raise gr.Error(str(err), title="Cannot generate") from None
+            raise user_error(err, "Cannot generate") from None
         gallery = ([(str(cond_path), "condition")] if cond_path else []) + [
             (str(p), f"seed {settings.seed + i}") for i, p in enumerate(paths)
         ]
@@ -312,13 +335,13 @@ class App:
         """Fill the form from a result PNG's metadata; restores the condition when it is in the outputs folder."""
         png = upload_path(png)
         if not png:
-            raise gr.Error("Upload a PNG saved by this app.", title="Reproduce")
+            raise user_error("Upload a PNG saved by this app.", "Reproduce")
         try:
             load_upload(png, self.config.limits)
             data = read_settings(png)
             s = GenerationSettings.from_json(data)
         except (ValueError, OSError, TypeError) as err:
-            raise gr.Error(str(err), title="Reproduce") from None
+            raise user_error(err, "Reproduce") from None
         condition = self._find_condition(data.get("condition_file"), data.get("condition_sha256"))
         note = (
             "Settings loaded; the original condition was restored, so the preprocessor is set to none."

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["Limits", "UploadError", "load_upload", "ALLOWED_IMAGE_SUFFIXES"]
+__all__ = ["Limits", "UploadError", "load_upload", "user_error", "ALLOWED_IMAGE_SUFFIXES"]
+
+logger = logging.getLogger("controlnext.web")
 
 ALLOWED_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "MPO")
@@ -15,6 +19,12 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "MPO")
 
 class UploadError(ValueError):
     """An uploaded file that the app refuses (wrong type, too large, unreadable)."""
+
+
+def user_error(err: Exception | str, title: str) -> gr.Error:
+    """The in-page message for a refused input: one log line, no traceback (the input was wrong, not the server)."""
+    logger.info("%s: %s", title, err)
+    return gr.Error(str(err), title=title, print_exception=False)
 
 
 @dataclass(frozen=True)

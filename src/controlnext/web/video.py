@@ -19,6 +19,8 @@ from typing import Any
 
 import gradio as gr
 
+from .limits import user_error
+
 __all__ = ["TINY_SVD", "VideoSpec", "VideoSettings", "video_available", "build_video_tab", "load_video_pipeline"]
 
 TINY_SVD = "tiny-random-svd"
@@ -202,7 +204,7 @@ class VideoTab:
                     output_type="np",
                 ).frames[0]
         except (ValueError, FileNotFoundError) as err:
-            raise gr.Error(str(err), title="Cannot generate the video") from None
+            raise user_error(err, "Cannot generate the video") from None
         folder = self.config.outputs / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"video-{time.strftime('%H%M%S')}-{settings.seed}"

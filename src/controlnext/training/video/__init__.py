@@ -10,8 +10,19 @@ from importlib import import_module
 from typing import Any
 
 from .config import VideoTrainConfig, add_video_train_arguments, video_config_from_args
-from .data import StepBatchSampler, VideoPoseDataset, find_clips
-from .edm import edm_loss, edm_scalings, sample_sigmas
+
+# Imported on first use: `controlnext --help` reads the arguments from .config without loading torch or diffusers.
+_LAZY = {
+    "StepBatchSampler": ".data",
+    "VideoPoseDataset": ".data",
+    "find_clips": ".data",
+    "edm_loss": ".edm",
+    "edm_scalings": ".edm",
+    "sample_sigmas": ".edm",
+    "train_video": ".loop",
+    "VideoTrainResult": ".loop",
+    "ControlledVideoUNet": ".loop",
+}
 
 __all__ = [
     "StepBatchSampler",
@@ -30,8 +41,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("train_video", "VideoTrainResult", "ControlledVideoUNet"):
-        return getattr(import_module(".loop", __name__), name)
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
     if name == "main":
         return import_module(".__main__", __name__).main
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
