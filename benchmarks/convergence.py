@@ -13,9 +13,10 @@ method differs (the training loop is ``scripts/train_demo_controlnext.py``'s, sh
 
 Every ``--eval-every`` steps the control fidelity (:mod:`controlnext.evaluation`: edge F1 with a 2 px tolerance, or
 mask IoU) is measured on ``--eval-n`` held-out (prompt, condition) cases, sampled with the same scheduler, steps,
-guidance and seeds for every method. Each method runs in its own subprocess so that peak memory (max RSS on CPU,
-``torch.cuda.max_memory_allocated`` on GPU) is its own. Writes ``docs/convergence.md`` (table, machine, date, steps
-to reach ``--threshold``), ``docs/convergence.png`` and the raw ``benchmarks/results/convergence.json``.
+guidance and seeds for every method. Each method runs in its own subprocess so that peak memory (the process's
+peak RSS during training on CPU, reset when training starts; ``torch.cuda.max_memory_allocated`` on GPU) is its
+own. Writes ``docs/convergence.md`` (table, machine, date, steps to reach ``--threshold``),
+``docs/convergence.png`` and the raw ``benchmarks/results/convergence.json``.
 
 Fairness: with several ``--lrs`` each method first gets a learning-rate sweep on its own seed (``--sweep-seed``), and
 its best LR (highest mean fidelity over the evaluations after step 0, i.e. the area under its curve) is then trained
@@ -30,11 +31,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import hashlib
 import importlib.util
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -64,10 +65,27 @@ def _loop_module():
     return mod
 
 
-def _rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+def _proc_status_mb(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MB; None where /proc is missing (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> None:
+    """Start the peak (VmHWM) afresh from the current RSS (Linux >= 4.0).
+
+    ``ru_maxrss`` cannot be used: Linux keeps it across fork + exec, so every run would report at least the parent's
+    peak (the parent holds the base and the encoded data), which made all methods look alike.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 @torch.no_grad()
@@ -122,7 +140,9 @@ def run_method(args) -> dict:
     cond_np = [condition_image(s, args.condition) for s in cases]
     conds = torch.from_numpy(np.stack(cond_np)).permute(0, 3, 1, 2).float() / 255.0
     seeds = list(range(args.eval_n))
-    rss_before = _rss_mb()
+    gc.collect()
+    _reset_peak_rss()
+    rss_before = _proc_status_mb("VmRSS")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     method = loop.Method(args.method, base, seed=args.seed)
@@ -147,13 +167,21 @@ def run_method(args) -> dict:
         "prediction_type": base.prediction_type,
         "trainable_parameters": n_params,
         "seconds_per_step": round(stats["seconds_per_step"], 4),
-        "peak_rss_mb": round(_rss_mb(), 1),
-        "rss_before_training_mb": round(rss_before, 1),
+        "peak_rss_mb": None if rss_before is None else round(_proc_status_mb("VmHWM"), 1),
+        "rss_before_training_mb": None if rss_before is None else round(rss_before, 1),
         "peak_gpu_mb": peak_gpu,
         "history": history,
         "final_loss_avg": stats["final_loss_avg"],
         "losses": [round(x, 5) for x in stats["losses"]],
     }
+
+
+def _peak_cell(runs: list[dict]) -> str:
+    """'peak (+growth)' in MB for a table cell; '-' where /proc was not available."""
+    if any(r.get("peak_rss_mb") is None for r in runs):
+        return "-"
+    growth = np.mean([r["peak_rss_mb"] - r["rss_before_training_mb"] for r in runs])
+    return f"{max(r['peak_rss_mb'] for r in runs):.0f} (+{growth:.0f})"
 
 
 def baseline(args, loop, base) -> float:
@@ -278,7 +306,7 @@ def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr
         lines.append(
             f"| {LABELS[m]} | {best_lr[m]:g} | {runs[0]['trainable_parameters']:,} | "
             f"{np.mean([r['seconds_per_step'] for r in runs]):.3f} | "
-            f"{max(r['peak_rss_mb'] for r in runs):.0f} | "
+            f"{_peak_cell(runs)} | "
             f"{reach_mean if reach_mean is not None else '-'} "
             f"({', '.join('-' if x is None else str(x) for x in per_seed)}) | "
             f"{curves[:, -1].mean():.3f} ± {curves[:, -1].std():.3f} | {np.mean(auc):.3f} ± {np.std(auc):.3f} |"
@@ -286,8 +314,10 @@ def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr
     lines += [
         "",
         "s/step: training steps only (evaluation excluded), mean over the seeds; with several runs at a time they "
-        "share the machine, so compare s/step between rows of this table only. Peak RSS: the largest of the runs' "
-        "own processes (base, data and training).",
+        "share the machine, so compare s/step between rows of this table only. Peak RSS: the run's own process "
+        "during training and its evaluations (base and data included; largest over the seeds), and in brackets its "
+        "growth over the RSS at the start of training (the method's parameters, gradients, optimizer state and "
+        "activations; mean over the seeds).",
         "",
         "Seed-mean fidelity against training steps:",
         "",
