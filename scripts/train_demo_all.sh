@@ -20,8 +20,10 @@ done_ "$BUILD/base_stage1" || python scripts/train_base.py "$BUILD/base_stage1" 
     --vae-steps "$VAE_STEPS" --n-train 16000 --unet-steps "$UNET_STEPS"
 
 # 2. Continue the text encoder + UNet with a cosine LR anneal (fresh data seed): sharper shapes (docs/demo.md).
-done_ "$BUILD/base" || python scripts/train_base.py "$BUILD/base" --init "$BUILD/base_stage1" --seed 1 \
-    --threads "$THREADS" --n-train 16000 --unet-steps "$ANNEAL_STEPS" --lr-schedule cosine
+# (A base/ without "init" is a stage-1 output of an older version of this script: train the anneal over it.)
+{ done_ "$BUILD/base" && grep -q '"init"' "$BUILD/base/training.json"; } \
+    || python scripts/train_base.py "$BUILD/base" --init "$BUILD/base_stage1" --seed 1 --threads "$THREADS" \
+        --n-train 16000 --unet-steps "$ANNEAL_STEPS" --lr-schedule cosine
 
 # 3. One ControlNeXt module per condition, with `controlnext train` on a 4000-sample shapes dataset (seed 1).
 for COND in edges mask; do
