@@ -76,16 +76,17 @@ def _proc_status_mb(field: str) -> float | None:
     return None
 
 
-def _reset_peak_rss() -> None:
-    """Start the peak (VmHWM) afresh from the current RSS (Linux >= 4.0).
+def _reset_peak_rss() -> bool:
+    """Start the peak (VmHWM) afresh from the current RSS (Linux >= 4.0); False where that is not possible.
 
     ``ru_maxrss`` cannot be used: Linux keeps it across fork + exec, so every run would report at least the parent's
     peak (the parent holds the base and the encoded data), which made all methods look alike.
     """
     try:
         Path("/proc/self/clear_refs").write_text("5")
+        return True
     except OSError:
-        pass
+        return False
 
 
 @torch.no_grad()
@@ -113,14 +114,15 @@ def sample(loop, method, base, prompts, conds, seeds, steps: int, guidance: floa
 
 
 def data_cache(args) -> Path:
-    """Encoded training data, shared by the runs' subprocesses (keyed by the encoders' bytes, condition, size, seed).
+    """Encoded training data, shared by the runs' subprocesses (keyed by the encoders' files, condition, size, seed).
 
     Keyed by content, not path: a retrained base in the same folder must not reuse stale latents or embeddings.
     """
     digest = hashlib.sha1()
-    for part in ("vae", "text_encoder"):
-        for f in sorted((Path(args.base) / part).glob("*.safetensors")):
-            digest.update(f.read_bytes())
+    files = [f for part in ("vae", "text_encoder", "tokenizer") for f in sorted((Path(args.base) / part).rglob("*"))]
+    for f in files:
+        if f.is_file():
+            digest.update(f.relative_to(args.base).as_posix().encode() + b"\0" + f.read_bytes())
     tag = f"{digest.hexdigest()}-{args.condition}-{args.n}-{args.data_seed}"
     return ROOT / "build" / "convergence-cache" / f"{hashlib.sha1(tag.encode()).hexdigest()[:16]}.pt"
 
@@ -141,8 +143,8 @@ def run_method(args) -> dict:
     conds = torch.from_numpy(np.stack(cond_np)).permute(0, 3, 1, 2).float() / 255.0
     seeds = list(range(args.eval_n))
     gc.collect()
-    _reset_peak_rss()
-    rss_before = _proc_status_mb("VmRSS")
+    # Without a reset the peak would include loading the base and data: report none rather than a wrong one.
+    rss_before = _proc_status_mb("VmRSS") if _reset_peak_rss() else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     method = loop.Method(args.method, base, seed=args.seed)

@@ -3,7 +3,7 @@
 #   bash scripts/train_demo_all.sh [BUILD_DIR]        (default build/demo; about 1.5 h on one thread)
 # ASSETS=DIR writes the weights, cards and metrics.json there instead of into the package (to check a rerun).
 # Step counts are fixed (not time budgets), so a rerun gives the same weights on the same thread count.
-# A stage whose output is complete is not run again, so an interrupted run continues where it stopped.
+# A stage whose output is complete is not run again (an interrupted stage restarts from its beginning).
 set -euo pipefail
 BUILD=${1:-build/demo}
 THREADS=${THREADS:-1}
@@ -20,10 +20,13 @@ done_ "$BUILD/base_stage1" || python scripts/train_base.py "$BUILD/base_stage1" 
     --vae-steps "$VAE_STEPS" --n-train 16000 --unet-steps "$UNET_STEPS"
 
 # 2. Continue the text encoder + UNet with a cosine LR anneal (fresh data seed): sharper shapes (docs/demo.md).
-# (A base/ without "init" is a stage-1 output of an older version of this script: train the anneal over it.)
-{ done_ "$BUILD/base" && grep -q '"init"' "$BUILD/base/training.json"; } \
-    || python scripts/train_base.py "$BUILD/base" --init "$BUILD/base_stage1" --seed 1 --threads "$THREADS" \
+# A base/ without "init" is the final output of an older version of this script (no anneal): it is replaced, and
+# modules trained on it are removed so that step 3 retrains them on the new base.
+if ! { done_ "$BUILD/base" && grep -q '"init"' "$BUILD/base/training.json"; }; then
+    rm -rf "$BUILD/edges" "$BUILD/mask"
+    python scripts/train_base.py "$BUILD/base" --init "$BUILD/base_stage1" --seed 1 --threads "$THREADS" \
         --n-train 16000 --unet-steps "$ANNEAL_STEPS" --lr-schedule cosine
+fi
 
 # 3. One ControlNeXt module per condition, with `controlnext train` on a 4000-sample shapes dataset (seed 1).
 for COND in edges mask; do

@@ -60,3 +60,27 @@ def test_steps_to_and_curve_score():
     assert conv.steps_to(hist[1:], 0.5) == 100
     assert conv.steps_to(hist[1:], 0.7) is None
     assert conv.curve_score(hist) == pytest.approx(0.5)  # step 0 excluded
+
+
+def test_data_cache_is_keyed_by_the_encoders_content(tmp_path):
+    import argparse
+    import shutil
+
+    conv = _load("convergence_study", ROOT / "benchmarks" / "convergence.py")
+    for name in ("a", "b"):
+        for part in ("vae", "text_encoder", "tokenizer"):
+            (tmp_path / name / part).mkdir(parents=True)
+            (tmp_path / name / part / "weights.bin").write_bytes(b"same")
+
+    def key(name: str, **over) -> Path:
+        args = dict(base=str(tmp_path / name), condition="edges", n=8, data_seed=1)
+        args.update(over)
+        return conv.data_cache(argparse.Namespace(**args))
+
+    assert key("a") == key("b")  # same content in another folder: shared
+    assert key("a") != key("a", n=9) and key("a") != key("a", condition="mask")
+    (tmp_path / "b" / "text_encoder" / "weights.bin").write_bytes(b"retrained")
+    assert key("a") != key("b")  # a retrained encoder in place must not reuse the old cache
+    before = key("a")
+    shutil.copy(tmp_path / "a" / "tokenizer" / "weights.bin", tmp_path / "a" / "tokenizer" / "vocab.json")
+    assert key("a") != before  # the tokenizer is part of the key too

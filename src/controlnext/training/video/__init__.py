@@ -7,9 +7,14 @@ Run with ``python -m controlnext.training.video --pretrained-model SVD --dataset
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import VideoTrainConfig, add_video_train_arguments, video_config_from_args
+
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
+    from .data import StepBatchSampler, VideoPoseDataset, find_clips
+    from .edm import edm_loss, edm_scalings, sample_sigmas
+    from .loop import VideoTrainResult, train_video
 
 # Imported on first use: `controlnext --help` reads the arguments from .config without loading torch or diffusers.
 _LAZY = {
@@ -46,3 +51,7 @@ def __getattr__(name: str) -> Any:
     if name == "main":
         return import_module(".__main__", __name__).main
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
