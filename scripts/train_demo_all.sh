@@ -10,7 +10,7 @@ THREADS=${THREADS:-1}
 VAE_STEPS=${VAE_STEPS:-1983}
 UNET_STEPS=${UNET_STEPS:-7260}
 ANNEAL_STEPS=${ANNEAL_STEPS:-6000}
-MODULE_STEPS=${MODULE_STEPS:-2000}
+MODULE_STEPS=${MODULE_STEPS:-4000}
 MODULE_CONFIG='{"embedding_channels": [16, 16, 32], "block_in_channels": [32, 32], "block_out_channels": [32, 64], "groups": [4, 8], "mid_groups": 8}'
 mkdir -p "$BUILD"
 done_() { [ -f "$1/training.json" ] && grep -q '"final": true' "$1/training.json"; }
