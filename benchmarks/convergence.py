@@ -207,9 +207,9 @@ def curve_score(history: list[dict]) -> float:
     return float(np.mean([h["fidelity"] for h in history if h["step"] > 0]))
 
 
-def mean_curve(runs: list[dict]) -> tuple[list[int], np.ndarray]:
-    steps = [h["step"] for h in runs[0]["history"]]
-    return steps, np.array([[h["fidelity"] for h in r["history"]] for r in runs])
+def fidelity_curves(runs: list[dict]) -> np.ndarray:
+    """(runs, evaluations) array of fidelity; the runs share their evaluation steps."""
+    return np.array([[h["fidelity"] for h in r["history"]] for r in runs])
 
 
 def machine() -> str:
@@ -230,13 +230,16 @@ def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr
     metric = "edge F1 (2 px tolerance)" if args.condition == "edges" else "mask IoU"
     n_seeds = len(args.seed_list)
 
+    steps = [h["step"] for h in first["history"]]
+    curves = {m: fidelity_curves(finals[m]) for m in methods}
+    auc = {m: [curve_score(r["history"]) for r in finals[m]] for m in methods}
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for m in methods:
-        steps, curves = mean_curve(finals[m])
-        mean = curves.mean(0)
-        line = ax.plot(steps, mean, marker="o", ms=3, label=f"{LABELS[m]}, lr {best_lr[m]:g}")[0]
+        c = curves[m]
+        line = ax.plot(steps, c.mean(0), marker="o", ms=3, label=f"{LABELS[m]}, lr {best_lr[m]:g}")[0]
         if n_seeds > 1:
-            ax.fill_between(steps, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15, lw=0)
+            ax.fill_between(steps, c.min(0), c.max(0), color=line.get_color(), alpha=0.15, lw=0)
     ax.axhline(base_fid, color="grey", ls=":", label="base model, no control")
     ax.axhline(args.threshold, color="black", ls="--", lw=0.8, label=f"threshold {args.threshold:g}")
     ax.set_xlabel(f"training step (batch {args.batch})")
@@ -299,19 +302,17 @@ def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr
         "|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
-        runs = finals[m]
-        steps, curves = mean_curve(runs)
-        mean = curves.mean(0)
-        reach_mean = next((s for s, f in zip(steps, mean) if f >= args.threshold), None)
+        runs, c = finals[m], curves[m]
+        mean_history = [{"step": st, "fidelity": f} for st, f in zip(steps, c.mean(0))]
+        reach_mean = steps_to(mean_history, args.threshold)
         per_seed = [steps_to(r["history"], args.threshold) for r in runs]
-        auc = [curve_score(r["history"]) for r in runs]
         lines.append(
             f"| {LABELS[m]} | {best_lr[m]:g} | {runs[0]['trainable_parameters']:,} | "
             f"{np.mean([r['seconds_per_step'] for r in runs]):.3f} | "
             f"{_peak_cell(runs)} | "
             f"{reach_mean if reach_mean is not None else '-'} "
             f"({', '.join('-' if x is None else str(x) for x in per_seed)}) | "
-            f"{curves[:, -1].mean():.3f} ± {curves[:, -1].std():.3f} | {np.mean(auc):.3f} ± {np.std(auc):.3f} |"
+            f"{c[:, -1].mean():.3f} ± {c[:, -1].std():.3f} | {np.mean(auc[m]):.3f} ± {np.std(auc[m]):.3f} |"
         )
     lines += [
         "",
@@ -326,13 +327,11 @@ def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr
         "| step | " + " | ".join(LABELS[m] for m in methods) + " |",
         "|---" * (len(methods) + 1) + "|",
     ]
-    steps = [h["step"] for h in first["history"]]
-    curves = {m: mean_curve(finals[m])[1] for m in methods}
     for i, st in enumerate(steps):
         cells = [f"{curves[m][:, i].mean():.3f} ± {curves[m][:, i].std():.3f}" for m in methods]
         lines.append(f"| {st} | " + " | ".join(cells) + " |")
     lines += ["", "![fidelity vs steps](convergence.png)", "", "## Observations (computed)", ""]
-    by_auc = sorted(methods, key=lambda m: -np.mean([curve_score(r["history"]) for r in finals[m]]))
+    by_auc = sorted(methods, key=lambda m: -np.mean(auc[m]))
     lines.append("- Ranking by mean fidelity over the run: " + " > ".join(LABELS[m] for m in by_auc) + ".")
     if "cross_norm" in finals and "controlnet" in finals:
         ratio = finals["controlnet"][0]["trainable_parameters"] / finals["cross_norm"][0]["trainable_parameters"]
@@ -346,9 +345,8 @@ DISCUSSION_MARKER = "<!-- discussion: written by hand, kept when the report is r
 def _discussion(docs: Path) -> str:
     """The hand-written discussion below the marker of the current report, kept across regenerations."""
     old = docs / "convergence.md"
-    if old.is_file() and DISCUSSION_MARKER in old.read_text():
-        return old.read_text().split(DISCUSSION_MARKER, 1)[1].lstrip("\n")
-    return ""
+    text = old.read_text() if old.is_file() else ""
+    return text.split(DISCUSSION_MARKER, 1)[1].lstrip("\n") if DISCUSSION_MARKER in text else ""
 
 
 def _run_all(args, jobs: list[tuple[str, float, int]], passthrough: list[str]) -> list[dict]:

@@ -73,14 +73,10 @@ def base_accuracy(base: Path, n: int, steps: int, guidance: float) -> dict:
 
 
 def module_fidelity(assets: Path, condition: str, n: int, steps: int, guidance: float) -> dict:
-    from controlnext.demo import demo_cases
+    from controlnext.demo import demo_cases, load_demo_pipeline
     from controlnext.evaluation import evaluate_pipeline
-    from controlnext.loading import load_controlnext
-    from controlnext.pipelines import StableDiffusionControlNeXtPipeline
 
-    module = load_controlnext(assets / condition / "controlnext.safetensors")
-    pipe = StableDiffusionControlNeXtPipeline.from_pretrained(str(assets / "base"), controlnext=module)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, _ = load_demo_pipeline(condition, allow_random=False, root=assets)
     prompts, conds, seeds = demo_cases(n, condition)
     report, _, _ = evaluate_pipeline(pipe, prompts, conds, condition, seeds, steps, guidance)
     per = np.array(report.with_control) - np.array(report.without_control)

@@ -67,14 +67,15 @@ def _random_pipeline(condition: str):
     return StableDiffusionControlNeXtPipeline(**comps, controlnext=module)
 
 
-def load_demo_pipeline(condition: str = "edges", allow_random: bool = True):
+def load_demo_pipeline(condition: str = "edges", allow_random: bool = True, root: Path | None = None):
     """The shipped base with its ``condition`` module, as a StableDiffusionControlNeXtPipeline; returns (pipe, kind).
 
     ``kind`` is ``"shipped"``, or ``"random-untrained"`` when the assets are missing and ``allow_random``.
+    ``root`` reads a folder of the same layout instead of the package's assets (e.g. a rerun's output).
     """
     if condition not in CONDITION_KINDS:
         raise ValueError(f"condition must be one of {CONDITION_KINDS}, got {condition!r}.")
-    root = demo_assets()
+    root = demo_assets() if root is None else root
     module_file = root / condition / "controlnext.safetensors" if root else None
     if root is None or not module_file.is_file():
         if not allow_random:
