@@ -144,7 +144,8 @@ class Method:
             self.adapter = None
         else:
             from controlnext import ControlNeXtModel, attach
-            from controlnext.training.trainable import DEFAULT_UNET_PATTERNS, select_unet_parameters
+            from controlnext.families import get_family
+            from controlnext.training.trainable import select_unet_parameters
 
             norm = "cross_norm" if name == "cross_norm_unet" else name
             self.model = ControlNeXtModel.from_variant(
@@ -152,7 +153,7 @@ class Method:
             )
             self.adapter = attach(unet, self.model, cache_static=False)
             if name == "cross_norm_unet":
-                names = set(select_unet_parameters(unet, DEFAULT_UNET_PATTERNS["sd15"]))
+                names = set(select_unet_parameters(unet, list(get_family("sd15").trainable_patterns)))
                 self.unet_params = [p.requires_grad_(True) for n, p in unet.named_parameters() if n in names]
         self.model.train()
 

@@ -83,7 +83,16 @@ def plain_control(unet, module: ControlNeXtModel, features: torch.Tensor, scale:
         handle = unet.down_blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
     elif cfg.injection_point == "after_down_block_0":
         handle = unet.down_blocks[0].register_forward_hook(lambda mod, args, out: (add(out[0]), out[1]))
+    elif cfg.injection_point == "before_mid_block":
+
+        def pre_mid(mod, args, kwargs):
+            if "hidden_states" in kwargs:
+                return args, dict(kwargs, hidden_states=add(kwargs["hidden_states"]))
+            return (add(args[0]), *args[1:]), kwargs
+
+        handle = unet.mid_block.register_forward_pre_hook(pre_mid, with_kwargs=True)
     else:
+        assert cfg.injection_point == "after_mid_block", cfg.injection_point
         handle = unet.mid_block.register_forward_hook(
             lambda mod, args, out: (add(out[0]), *out[1:]) if isinstance(out, tuple) else add(out)
         )
@@ -187,15 +196,16 @@ def test_guidance_dedup_equals_duplicated_condition(family, variant, out_ch):
     expected = []
     for t in steps:
         feats = plain_forward(module, module.normalize_condition(cond01).repeat(2, *[1] * (cond01.dim() - 1)), t)
-        scale = module.effective_scale().reshape(1, 1, 1, 1).expand(2 * frames, 1, 1, 1).clone()
+        # The SVD releases zero the raw scale on the unconditional half, then apply the scale rule.
+        raw = module.scale.detach().reshape(1, 1, 1, 1).expand(2 * frames, 1, 1, 1).clone()
         if not module.config.uncond_control:
-            scale[:frames] = 0.0  # published SVD v2: control on the conditional half only
+            raw[:frames] = 0.0
+        rule = torch.sigmoid(raw) if module.config.scale_rule == "sigmoid" else raw
+        scale = rule * module.config.control_level
         with plain_control(unet, module, feats, scale):
             expected.append(unet(x, t, **kw).sample)
 
-    adapter = attach(unet, module, cond01)
-    adapter.guidance = True
-    adapter.num_steps = len(steps)
+    adapter = attach(unet, module, cond01, guidance=True, num_steps=len(steps))
     batches: list[int] = []
     hook = module.mid_convs[1].register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
     try:
@@ -217,8 +227,7 @@ def test_guidance_flag_off_with_duplicated_batch_matches_dedup():
     module = tiny_controlnext("sdxl").eval()
     cond01 = pixels("sdxl", 1)
     x, kw = unet_inputs(unet, "sdxl", batch=2)
-    with_dedup = attach(unet, module, cond01)
-    with_dedup.guidance = True
+    with_dedup = attach(unet, module, cond01, guidance=True)
     a = unet(x, torch.tensor(400), **kw).sample
     with_dedup.detach()
     plain = attach(unet, module, cond01.repeat(2, 1, 1, 1), cache_static=False)
@@ -252,8 +261,7 @@ def test_images_per_prompt(family, variant, out_ch, rows):
     with plain_control(unet, module, feats, scale):
         expected = unet(x, t, **kw).sample
 
-    adapter = attach(unet, module, cond01)
-    adapter.guidance = True
+    adapter = attach(unet, module, cond01, guidance=True)
     batches: list[int] = []
     hook = module.mid_convs[1].register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
     try:
@@ -274,8 +282,7 @@ def test_cached_steps_equal_recomputed(family, variant, out_ch):
     steps = [torch.tensor(t) for t in (999, 500, 1)]
 
     def run(cache: bool) -> list[torch.Tensor]:
-        adapter = attach(unet, module, cond01, cache_static=cache)
-        adapter.num_steps = len(steps)
+        adapter = attach(unet, module, cond01, cache_static=cache, num_steps=len(steps))
         try:
             with mock.patch.object(module, "encode_static", wraps=module.encode_static) as encode:
                 outs = []
@@ -301,8 +308,7 @@ def test_steps_reuse_cached_indices():
     """Batch mapping tensors are built once and reused, so steady steps allocate nothing new for them."""
     unet = tiny_unet("sd15").eval()
     module = tiny_controlnext("sd15-training").eval()
-    adapter = attach(unet, module, pixels("sd15", 1))
-    adapter.guidance = True
+    adapter = attach(unet, module, pixels("sd15", 1), guidance=True)
     try:
         index, weight = adapter.row_index(1, 2)
         x, kw = unet_inputs(unet, "sd15", batch=2)
@@ -339,9 +345,7 @@ def test_steps_add_no_host_reads(family, variant, out_ch):
     t = torch.tensor(500)
     with _HostReads() as plain:
         unet(x, t, **kw)
-    adapter = attach(unet, module, pixels(family, 1))
-    adapter.guidance = True
-    adapter.num_steps = 10
+    adapter = attach(unet, module, pixels(family, 1), guidance=True, num_steps=10)
     try:
         unet(x, t, **kw)  # first step: encodes the prefix and builds the batch mapping
         adapter.set_step(1)
@@ -380,8 +384,7 @@ def test_reduced_precision_through_adapter():
     cond01 = pixels("sdxl", 1)
     x, kw = unet_inputs(unet, "sdxl", batch=2)
     t = torch.tensor(600)
-    with_f32 = attach(unet, module, cond01)
-    with_f32.guidance = True
+    with_f32 = attach(unet, module, cond01, guidance=True)
     ref = unet(x, t, **kw).sample
     with_f32.detach()
 
@@ -391,8 +394,7 @@ def test_reduced_precision_through_adapter():
         k: {n: v.bfloat16() for n, v in val.items()} if isinstance(val, dict) else val.bfloat16()
         for k, val in kw.items()
     }
-    adapter = attach(unet, module, cond01)  # condition in float32: the module casts it once, into the cache
-    adapter.guidance = True
+    adapter = attach(unet, module, cond01, guidance=True)  # condition in float32: the module casts it once, into the cache
     try:
         out = unet(x.bfloat16(), t, **kw16).sample
     finally:

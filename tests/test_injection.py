@@ -86,7 +86,9 @@ def reference_forward(unet, x, t, kw, module, cond, user_scale=1.0):
             skips += res
             if i == 0 and cfg.injection_point == "after_down_block_0":
                 sample = add(sample)
-        sample = unet.mid_block(sample, temb, **extra) if video else unet.mid_block(sample, temb, **extra)
+        if cfg.injection_point == "before_mid_block":  # the last down block's output: the skips were collected
+            sample = add(sample)
+        sample = unet.mid_block(sample, temb, **extra)
         if cfg.injection_point == "after_mid_block":
             sample = add(sample)
         for block in unet.up_blocks:
@@ -171,8 +173,7 @@ def test_cfg_dedup_equals_duplicated_and_encodes_once():
         with attached(unet, module, cond[[0, 1, 0, 1]]) as ad:  # the release: condition duplicated per half
             dup = [unet(x, t, **kw).sample for t in (900, 500)]
         calls.clear()
-        with attached(unet, module, cond) as ad:
-            ad.guidance = True
+        with attached(unet, module, cond, guidance=True):
             stem_calls = []
             module.embedding.register_forward_hook(lambda *a: stem_calls.append(1))
             dedup = [unet(x, t, **kw).sample for t in (900, 500)]
@@ -188,11 +189,76 @@ def test_uncond_half_gets_no_control_for_svd_v2():
     x, kw = unet_inputs("svd", batch=2)
     with torch.no_grad():
         base = unet(x, 10, **kw).sample
-        with attached(unet, module, condition("svd", 1)) as ad:
-            ad.guidance = True
+        with attached(unet, module, condition("svd", 1), guidance=True):
             out = unet(x, 10, **kw).sample
     assert torch.equal(out[0], base[0])  # unconditional half untouched, as the v2 release does
     assert (out[1] - base[1]).abs().max() > 1e-4
+
+
+def release_svd_v1_forward(unet, x, t, kw, module, cond, guidance):
+    """The SVD v1 release, written from its code: the pipeline runs the module on the condition (duplicated for the
+    two guidance halves), repeats the raw scale per flattened frame and zeroes it on the unconditional half; the forked
+    UNet then adds sigmoid(scale) * 1.3 times the cross-normalised control (eps 1e-5, normalise then pool) to the last
+    down block's output, just before the mid block."""
+    captured = {}
+
+    def grab(mod, args, kwargs):
+        captured.update({k: v for k, v in kwargs.items() if k not in captured})
+
+    hooks = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in unet.down_blocks]
+    with torch.no_grad():
+        unet(x, t, **kw)
+    for h in hooks:
+        h.remove()
+    temb, extra = captured["temb"], {k: captured[k] for k in ("encoder_hidden_states", "image_only_indicator")}
+    with torch.no_grad():
+        cond_in = torch.cat([cond] * 2) if guidance else cond
+        feats = module(cond_in, t).sample
+        raw = module.scale.detach().clone()
+        if guidance:
+            n = feats.shape[0]
+            raw = raw.repeat(n)[:, None, None, None]
+            raw[: n // 2] *= 0
+        sample = unet.conv_in(x.flatten(0, 1))
+        skips = (sample,)
+        for block in unet.down_blocks:
+            kwargs = dict(hidden_states=sample, temb=temb, image_only_indicator=extra["image_only_indicator"])
+            if getattr(block, "has_cross_attention", False):
+                kwargs["encoder_hidden_states"] = extra["encoder_hidden_states"]
+            sample, res = block(**kwargs)
+            skips += res
+        mh, sh = sample.mean(dim=(1, 2, 3), keepdim=True), sample.std(dim=(1, 2, 3), keepdim=True)
+        mc, sc = feats.mean(dim=(1, 2, 3), keepdim=True), feats.std(dim=(1, 2, 3), keepdim=True)
+        control = F.adaptive_avg_pool2d((feats - mc) * (sh / (sc + 1e-5)) + mh, sample.shape[-2:])
+        sample = sample + control * torch.sigmoid(raw) * 1.3
+        sample = unet.mid_block(sample, temb, **extra)
+        for block in unet.up_blocks:
+            res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
+            kwargs = dict(hidden_states=sample, temb=temb, res_hidden_states_tuple=res,
+                          image_only_indicator=extra["image_only_indicator"])  # fmt: skip
+            if getattr(block, "has_cross_attention", False):
+                kwargs["encoder_hidden_states"] = extra["encoder_hidden_states"]
+            sample = block(**kwargs)
+        sample = unet.conv_out(unet.conv_act(unet.conv_norm_out(sample)))
+        return sample.reshape(x.shape[0], x.shape[1], *sample.shape[1:])
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_svd_v1_equals_the_release_unet(guidance):
+    unet = tiny_unet("svd").eval()
+    module = tiny_controlnext("svd", out_channels=64).eval()
+    with torch.no_grad():
+        module.scale.fill_(0.8)  # a learned raw scale away from 0, so both halves' rules show
+    x, kw = unet_inputs("svd", batch=2)
+    cond = condition("svd", 1 if guidance else 2)
+    expected = release_svd_v1_forward(unet, x, torch.tensor(40), kw, module, cond, guidance)
+    with torch.no_grad(), attached(unet, module, cond, guidance=guidance):
+        got = unet(x, torch.tensor(40), **kw).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    if guidance:  # the unconditional half gets sigmoid(0) * 1.3 = 0.65 times the control, not 0
+        with torch.no_grad():
+            base = unet(x, torch.tensor(40), **kw).sample
+        assert (got[0] - base[0]).abs().max() > 1e-4
 
 
 def test_lora_and_attention_processor_compose_with_control():

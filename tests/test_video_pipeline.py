@@ -103,8 +103,7 @@ def _stock_with_control(pipe, ref, poses, steps, **kw):
     """An independent reference: the stock diffusers SVD pipeline with the module attached by hand."""
     stock = StableVideoDiffusionPipeline(**{k: getattr(pipe, k) for k in STOCK_PARTS})
     stock.set_progress_bar_config(disable=True)
-    adapter = attach(stock.unet, pipe.controlnext)
-    adapter.guidance = True
+    adapter = attach(stock.unet, pipe.controlnext, guidance=True)
     adapter.slots[0].set_condition(load_condition(poses)[None])
     try:
         return stock(ref, height=64, width=64, num_frames=len(poses), num_inference_steps=steps, **kw).frames
@@ -138,8 +137,7 @@ def _release_style_windows(pipe, ref, poses, steps, length, overlap, seed, guida
     latents = torch.randn((1, n, 4, 8, 8), generator=gen) * sched.init_noise_sigma
     cond_all = load_condition(poses)
     gscale = torch.linspace(*guidance, length)[None, :, None, None, None]
-    adapter = attach(stock.unet, pipe.controlnext)
-    adapter.guidance = True
+    adapter = attach(stock.unet, pipe.controlnext, guidance=True)
     try:
         for t in sched.timesteps:
             total, count = torch.zeros_like(latents), torch.zeros(1, n, 1, 1, 1)

@@ -46,16 +46,15 @@ import torch
 from torch import nn
 
 from .bench_presets import (
-    CONTROLNEXT_VARIANT,
     PRESETS,
     ROW_NAMES,
     SCHEDULE_STEPS,
     SD15_UNET,
     SDXL_UNET,
     TEXT_TOKENS,
-    TRAINED_UNET_PARAMS,
     Preset,
 )
+from .families import get_family
 from .inject import ControlNeXtAdapter, attach
 from .models.controlnext import ControlNeXtModel
 
@@ -218,7 +217,7 @@ def build_controlnext(preset: Preset, row: str, unet: nn.Module, dtype: torch.dt
     """The ControlNeXt module of a row: the family's 3.5M layout, or the SD1.5 release layout."""
     from .tiny import tiny_controlnext
 
-    variant = "sd15" if row == "controlnext-sd15-release" else CONTROLNEXT_VARIANT[preset.family]  # also -plain
+    variant = "sd15" if row == "controlnext-sd15-release" else get_family(preset.family).light_variant  # also -plain
     device = unet.device
 
     def make() -> nn.Module:
@@ -325,23 +324,21 @@ class _ControlNeXtRow(_Row):
         return [self.module]
 
     def trainable_params(self) -> int:
-        pattern = re.compile(TRAINED_UNET_PARAMS[self.family])
+        pattern = re.compile("|".join(get_family(self.family).trainable_patterns))
         unet_part = sum(p.numel() for n, p in self.unet.named_parameters() if pattern.search(n))
         return _count(self.module) + unet_part
 
     def begin(self, inputs: _Inputs, guidance: bool) -> None:
         super().begin(inputs, guidance)
-        adapter = attach(self.unet, self.module, cache_static=not self.plain)
-        slot = adapter.slots[0]
         cond = inputs.condition.to(dtype=self.module.dtype)
         if self.plain and guidance:
             cond = torch.cat([cond] * 2)  # one row per UNet sample, as the release feeds its encoder
-        slot.set_condition(cond)
-        adapter.guidance = guidance and not self.plain
-        adapter.num_steps = SCHEDULE_STEPS
-        adapter.pixel_factor = 8
+        adapter = attach(
+            self.unet, self.module, cond, cache_static=not self.plain,
+            guidance=guidance and not self.plain, num_steps=SCHEDULE_STEPS, pixel_factor=8,
+        )  # fmt: skip
         if not self.plain:
-            slot.static()  # the timestep-independent prefix: once per generation
+            adapter.slots[0].static()  # the timestep-independent prefix: once per generation
         self.adapter = adapter
         self._clock = _bracket_hooks(self, adapter)
 
@@ -406,9 +403,9 @@ class _ControlNetRow(_Row):
 def _bracket_hooks(row: _Row, adapter: ControlNeXtAdapter) -> list[torch.utils.hooks.RemovableHandle]:
     """Add the CPU time spent inside the adapter's hooks to ``row.control_cpu``.
 
-    Each hook site gets a clock-start hook placed before the adapter's hooks and a clock-stop hook after them, so
-    the encoder (UNet pre-hook) and the Cross Normalization (injection hooks) are timed directly, not as the small
-    difference of two long, noisy step times.
+    Each of the adapter's hook sites gets a clock-start hook placed before its hooks and a clock-stop hook after
+    them, so the encoder (backbone pre-hook) and the Cross Normalization (injection hooks) are timed directly, not as
+    the small difference of two long, noisy step times.
     """
     start = [0.0]
 
@@ -418,13 +415,7 @@ def _bracket_hooks(row: _Row, adapter: ControlNeXtAdapter) -> list[torch.utils.h
     def tock(*_: Any) -> None:
         row.control_cpu += time.process_time() - start[0]
 
-    unet = adapter.unet
-    handles = []
-    for module in (unet, unet.down_blocks[0]):
-        handles += [module.register_forward_pre_hook(tick, prepend=True), module.register_forward_pre_hook(tock)]
-    for module in (unet.down_blocks[0], unet.mid_block):
-        handles += [module.register_forward_hook(tick, prepend=True), module.register_forward_hook(tock)]
-    return handles
+    return adapter.bracket(tick, tock)
 
 
 def _count(module: nn.Module) -> int:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "CONTROLNEXT_VARIANT",
     "DEFAULT_ROWS",
     "PRESETS",
     "ROW_NAMES",
@@ -17,7 +16,6 @@ __all__ = [
     "SD15_UNET",
     "SDXL_UNET",
     "TEXT_TOKENS",
-    "TRAINED_UNET_PARAMS",
     "Preset",
 ]
 
@@ -56,9 +54,6 @@ SDXL_UNET: dict[str, Any] = dict(
     projection_class_embeddings_input_dim=2816,
     norm_num_groups=32,
 )
-# UNet parameters the published training scripts fine-tune alongside the module (see the spec of the releases).
-TRAINED_UNET_PARAMS = {"sd15": r"to_out", "sdxl": r".*attn2.*to_out.*"}
-CONTROLNEXT_VARIANT = {"sd15": "sd15-training", "sdxl": "sdxl"}
 SCHEDULE_STEPS = 50  # timesteps cycle through a 50-step schedule (the cost does not depend on the value)
 TEXT_TOKENS = 77
 

@@ -1,20 +1,16 @@
-"""Attach ControlNeXt modules to a stock diffusers UNet with forward hooks (no forked UNet).
+"""Attach ControlNeXt modules to a stock diffusers backbone with forward hooks (no forked UNet).
 
-One :class:`ControlNeXtAdapter` per UNet holds the attached modules and their conditions. It registers:
+One :class:`ControlNeXtAdapter` per backbone holds the attached modules and their conditions. It registers:
 
-* a forward pre-hook on the UNet, which reads the call's timestep and batch and runs each active encoder once for
-  its unique conditions (the timestep-independent prefix is cached across steps);
-* a hook at each injection point in use, which cross-normalises the features against that point's hidden state and
-  adds them:
+* a forward pre-hook on the backbone, which reads the call's timestep and batch and runs each active encoder once
+  for its unique conditions (the timestep-independent prefix is cached across steps);
+* a hook at each injection point in use, which applies the module's control (Cross Normalization against that
+  point's hidden state, or the zero-conv ablation) and adds it.
 
-  - ``before_down_block_0``: pre-hook on ``down_blocks[0]``; ``conv_in``'s output was already stored as the first
-    skip tensor, so the skip stays un-controlled (published SDXL semantics);
-  - ``after_down_block_0``: hook on ``down_blocks[0]``'s output; only the running hidden state changes, the skip
-    tensors the block returned are kept as they were (published SD1.5-training / SVD-v2 semantics);
-  - ``after_mid_block``: hook on ``mid_block``'s output, before the up blocks.
-
-Tensors the UNet keeps are never modified in place, and detaching removes every hook, so the UNet is left exactly
-as it was. Works with ``UNet2DConditionModel`` (SD1.5, SDXL) and ``UNetSpatioTemporalConditionModel`` (SVD).
+Injection points are :class:`controlnext.families.InjectionPoint` objects registered with the backbone's family
+(SD1.5, SDXL, SVD, ...): which submodule, before or after it, which element of its input or output is the hidden
+state. Tensors the backbone keeps (skips) are never modified in place, and detaching removes every hook, so the
+backbone is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -23,32 +19,46 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from .cross_norm import cross_normalize, pool_to
+from .families import Family, InjectionPoint, detect_family, family_of_variant
 from .models.controlnext import ControlNeXtModel, StaticFeatures
-from .models.variants import AFTER_DOWN0, AFTER_MID, BEFORE_DOWN0, VARIANT_FAMILY
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ControlNeXtAdapter", "ControlSlot", "attach", "unet_family", "injection_channels"]
+__all__ = ["ControlNeXtAdapter", "ControlSlot", "DenoisingRun", "FixedRun", "attach", "attached", "injection_channels"]
 
 
-def unet_family(unet: nn.Module) -> str:
-    """'svd' for spatio-temporal UNets, 'sdxl' for UNets with SDXL's added text/time embedding, else 'sd15'."""
-    if type(unet).__name__.startswith("UNetSpatioTemporal"):
-        return "svd"
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    return "sd15"
+def injection_channels(backbone: nn.Module, point: str) -> int:
+    """Channel count of the backbone's hidden state at the injection point called ``point``."""
+    return detect_family(backbone).point(point).channels(backbone.config)
 
 
-def injection_channels(unet: nn.Module, point: str) -> int:
-    """Channel count of the UNet hidden state at an injection point."""
-    chans = unet.config.block_out_channels
-    return chans[-1] if point == AFTER_MID else chans[0]
+@runtime_checkable
+class DenoisingRun(Protocol):
+    """What the adapter reads about the denoising run at each backbone call.
+
+    ``guidance``: the batch is [unconditional, conditional] halves (classifier-free guidance); ``num_steps``: the
+    length of the schedule, for ``start``/``end`` windows. Pipelines pass a live view of their own state (both are
+    only known inside the stock ``__call__``); everything else passes a :class:`FixedRun`.
+    """
+
+    @property
+    def guidance(self) -> bool: ...
+
+    @property
+    def num_steps(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class FixedRun:
+    """A :class:`DenoisingRun` whose settings are known up front."""
+
+    guidance: bool = False
+    num_steps: int = 1
 
 
 @dataclass
@@ -87,65 +97,93 @@ class ControlSlot:
 
 
 class ControlNeXtAdapter:
-    """The hooks and state that add ControlNeXt control to one stock UNet. Create with :func:`attach`."""
+    """The hooks and state that add ControlNeXt control to one stock backbone. Create with :func:`attach`."""
 
-    def __init__(self, unet: nn.Module):
-        self.unet = unet
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        run: DenoisingRun | None = None,
+        pixel_factor: int | None = None,
+        family: Family | None = None,
+    ):
+        self.backbone = backbone
+        self.family = family or detect_family(backbone)
         self.slots: list[ControlSlot] = []
-        # True (or a callable returning it) when the UNet batch is [unconditional, conditional] halves.
-        self.guidance: bool | Callable[[], bool] = False
+        self.run: DenoisingRun = run or FixedRun()
         # Pixels per latent (the VAE factor): when set, conditions are resized once to latent size x factor.
-        self.pixel_factor: int | None = None
+        self.pixel_factor = pixel_factor
         self.step: int = 0
-        self.num_steps: Callable[[], int] | int = 1
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._call_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._points: dict[str, tuple[InjectionPoint, torch.utils.hooks.RemovableHandle]] = {}
         self._pending: list[tuple[ControlSlot, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self._index_cache: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        self._video = unet_family(unet) == "svd"
+        self._video = self.family.video
+
+    @property
+    def unet(self) -> nn.Module:
+        """The backbone (named for the UNet families)."""
+        return self.backbone
 
     # ------------------------------------------------------------------ attach / detach
     def add(self, module: ControlNeXtModel, **slot_kwargs) -> ControlSlot:
         """Attach one more module (several modules sum their controls)."""
-        family = unet_family(self.unet)
+        family = self.family
         variant = module.config.variant
-        want = VARIANT_FAMILY.get(variant)
-        point = module.config.injection_point
-        need = injection_channels(self.unet, point)
+        want = family_of_variant(variant)
+        if want is not None and want.video != family.video:
+            raise ValueError(
+                f"ControlNeXt variant {variant!r} is for {want.name} {want.kind}s but this {family.kind} is "
+                f"{family.name}: use a module made for {family.name} (image and video models take different modules)."
+            )
+        point = family.point(module.config.injection_point)
+        need = point.channels(self.backbone.config)
         if module.config.out_channels != need:
+            made_for = f"; the module was made for {want.name} {want.kind}s." if want not in (None, family) else "."
             raise ValueError(
                 f"ControlNeXt module (variant {variant!r}, {module.config.out_channels} output channels, injected "
-                f"{point}) does not fit this {family} UNet, whose hidden state there has {need} channels"
-                + (f"; the module was published for {want} UNets." if want and want != family else ".")
-            )
-        if want is not None and (want == "svd") != (family == "svd"):
-            raise ValueError(
-                f"ControlNeXt variant {variant!r} is for {want} UNets but this UNet is {family}: use a module made for "
-                f"{family} (image and video UNets take different control modules)."
+                f"{point.name}) does not fit this {family.name} {family.kind}, whose hidden state there has {need} "
+                "channels" + made_for
             )
         slot = ControlSlot(module=module, **slot_kwargs)
         self.slots.append(slot)
         self._register(point)
         return slot
 
-    def _register(self, point: str) -> None:
-        if not self._handles:
-            self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
-        if any(getattr(h, "_point", None) == point for h in self._handles):
-            return
-        if point == BEFORE_DOWN0:
-            h = self.unet.down_blocks[0].register_forward_pre_hook(self._before_down0, with_kwargs=True)
-        elif point == AFTER_DOWN0:
-            h = self.unet.down_blocks[0].register_forward_hook(self._after_down0)
-        else:
-            h = self.unet.mid_block.register_forward_hook(self._after_mid)
-        h._point = point
-        self._handles.append(h)
+    def _register(self, point: InjectionPoint) -> None:
+        if self._call_hook is None:
+            self._call_hook = self.backbone.register_forward_pre_hook(self._on_call, with_kwargs=True)
+        if point.name not in self._points:
+            handle = point.hook(self.backbone, lambda hidden, name=point.name: self._controlled(name, hidden))
+            self._points[point.name] = (point, handle)
+
+    @property
+    def points(self) -> list[InjectionPoint]:
+        """The injection points in use."""
+        return [p for p, _ in self._points.values()]
+
+    def bracket(
+        self, before: Callable[..., None], after: Callable[..., None]
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that run ``before``/``after`` around each of the adapter's hooks (the benchmark's clock)."""
+        if self._call_hook is None:
+            return []
+        handles = [
+            self.backbone.register_forward_pre_hook(before, prepend=True),
+            self.backbone.register_forward_pre_hook(after),
+        ]
+        for point in self.points:
+            handles += point.bracket(self.backbone, before, after)
+        return handles
 
     def detach(self) -> None:
-        """Remove every hook; the UNet is exactly as before :func:`attach`."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Remove every hook; the backbone is exactly as before :func:`attach`."""
+        if self._call_hook is not None:
+            self._call_hook.remove()
+            self._call_hook = None
+        for _, handle in self._points.values():
+            handle.remove()
+        self._points.clear()
         self._pending.clear()
         self.slots.clear()
 
@@ -155,8 +193,7 @@ class ControlNeXtAdapter:
         self.step = step
 
     def _active(self, slot: ControlSlot) -> bool:
-        n = self.num_steps() if callable(self.num_steps) else self.num_steps
-        n = max(int(n or 1), 1)
+        n = max(int(self.run.num_steps or 1), 1)
         return not (self.step / n < slot.start or (self.step + 1) / n > slot.end)
 
     # ------------------------------------------------------------------ batch mapping
@@ -168,9 +205,9 @@ class ControlNeXtAdapter:
         Under guidance the batch is [uncond, cond] halves; inside a half, conditions are assigned prompt-major
         (``rows`` = 1, the number of prompts, or one per image). Video samples expand to ``frames`` rows each.
         Returns ``(index or None, weight or None)``; ``weight`` is 0 on the unconditional half and is used for
-        modules published without unconditional control (SVD v2). Cached, so steps allocate nothing.
+        modules published without unconditional control (the SVD releases). Cached, so steps allocate nothing.
         """
-        guidance = bool(self.guidance() if callable(self.guidance) else self.guidance)
+        guidance = bool(self.run.guidance)
         key = (rows, batch, frames, guidance, dtype)
         if key in self._index_cache:
             return self._index_cache[key]
@@ -198,10 +235,11 @@ class ControlNeXtAdapter:
         return index, weight
 
     # ------------------------------------------------------------------ hooks
-    def _on_unet_call(self, unet, args, kwargs):
+    def _on_call(self, backbone, args, kwargs):
         self._pending.clear()
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        sample_name, timestep_name = self.family.call_args
+        sample = kwargs[sample_name] if sample_name in kwargs else args[0]
+        timestep = kwargs[timestep_name] if timestep_name in kwargs else args[1]
         batch = sample.shape[0]
         frames = sample.shape[1] if self._video else 1
         for slot in self.slots:
@@ -222,7 +260,9 @@ class ControlNeXtAdapter:
             out = slot.module.forward_static(static, t)
             scale = out.scale * slot.scale
             if weight is not None and not slot.module.config.uncond_control:
-                scale = scale * weight
+                # The raw scale is zeroed on the unconditional half, then the scale rule applies (the SVD releases).
+                zeroed = slot.module.zeroed_scale() * slot.scale
+                scale = scale * weight if zeroed == 0 else scale * weight + zeroed * (1 - weight)
             self._pending.append((slot, out.sample, scale, index))
 
     @staticmethod
@@ -242,60 +282,47 @@ class ControlNeXtAdapter:
     def _controlled(self, point: str, hidden: torch.Tensor) -> torch.Tensor:
         out = hidden
         for slot, feats, scale, index in self._pending:
-            cfg = slot.module.config
-            if cfg.injection_point != point:
-                continue
-            if cfg.normalization == "zero_conv":
-                c = pool_to(slot.module.zero_conv(feats), hidden.shape[-2:]).to(hidden.dtype)
-                c = c if index is None else c.index_select(0, index)
-            else:
-                c = cross_normalize(feats, hidden, eps=cfg.norm_eps, pool_first=cfg.pool_first, index=index)
-            out = out + c * scale.to(hidden.dtype)
+            if slot.module.config.injection_point == point:
+                out = out + slot.module.align(feats, hidden, index) * scale.to(hidden.dtype)
         return out
-
-    def _before_down0(self, module, args, kwargs):
-        if not self._pending:
-            return None
-        if "hidden_states" in kwargs:
-            kwargs = dict(kwargs, hidden_states=self._controlled(BEFORE_DOWN0, kwargs["hidden_states"]))
-        else:
-            args = (self._controlled(BEFORE_DOWN0, args[0]), *args[1:])
-        return args, kwargs
-
-    def _after_down0(self, module, args, output):
-        if not self._pending:
-            return None
-        hidden, skips = output
-        return self._controlled(AFTER_DOWN0, hidden), skips
-
-    def _after_mid(self, module, args, output):
-        if not self._pending:
-            return None
-        if isinstance(output, tuple):
-            return (self._controlled(AFTER_MID, output[0]), *output[1:])
-        return self._controlled(AFTER_MID, output)
 
 
 def attach(
-    unet: nn.Module,
+    backbone: nn.Module,
     modules: ControlNeXtModel | Sequence[ControlNeXtModel],
-    conditions: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    conditions: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     scales: float | Sequence[float] = 1.0,
     *,
+    starts: float | Sequence[float] = 0.0,
+    ends: float | Sequence[float] = 1.0,
+    guidance: bool = False,
+    num_steps: int = 1,
+    run: DenoisingRun | None = None,
+    pixel_factor: int | None = None,
     cache_static: bool = True,
 ) -> ControlNeXtAdapter:
-    """Attach one or more ControlNeXt modules to ``unet``; returns the adapter (call ``.detach()`` to undo).
+    """Attach one or more ControlNeXt modules to ``backbone``; returns the adapter (call ``.detach()`` to undo).
 
-    ``conditions`` (one tensor per module, in [0, 1]; mapped to each module's range here) and ``scales`` may be
-    given now or later through each slot's ``set_condition``/``scale``.
+    Args:
+        conditions: one tensor per module, pixels in [0, 1] (mapped to each module's range here); may also be set
+            later through each slot's ``set_condition`` (the video pipeline does so per window).
+        scales, starts, ends: per module (or one for all): the control scale, and the fraction of the schedule
+            where the control is on.
+        guidance, num_steps: the batch holds [unconditional, conditional] halves; the schedule length. Or ``run``:
+            a :class:`DenoisingRun` read at each call (what the pipelines pass), instead of these two.
+        pixel_factor: pixels per latent; when given, conditions are resized once to the latents' pixel size.
+        cache_static: cache the encoder's timestep-free prefix across steps (inference).
     """
+    if run is not None and (guidance or num_steps != 1):
+        raise ValueError("Give either run= or guidance=/num_steps= to attach, not both.")
     mods = [modules] if isinstance(modules, ControlNeXtModel) else list(modules)
-    conds = _per_module(conditions, len(mods), "conditions")
-    scl = _per_module(scales, len(mods), "scales")
-    adapter = ControlNeXtAdapter(unet)
+    n = len(mods)
+    columns = [_per_module(v, n, name) for v, name in
+               ((conditions, "conditions"), (scales, "scales"), (starts, "starts"), (ends, "ends"))]  # fmt: skip
+    adapter = ControlNeXtAdapter(backbone, run=run or FixedRun(guidance, num_steps), pixel_factor=pixel_factor)
     try:
-        for m, c, s in zip(mods, conds, scl):
-            slot = adapter.add(m, scale=float(s), cache_static=cache_static)
+        for m, c, s, a, b in zip(mods, *columns):
+            slot = adapter.add(m, scale=float(s), start=float(a), end=float(b), cache_static=cache_static)
             if c is not None:
                 slot.set_condition(c)
     except Exception:
@@ -314,9 +341,9 @@ def _per_module(value, n: int, name: str) -> list:
 
 
 @contextmanager
-def attached(unet: nn.Module, modules, conditions=None, scales=1.0, **kwargs):
-    """Context manager form of :func:`attach`: the hooks are removed on exit, even on error."""
-    adapter = attach(unet, modules, conditions, scales, **kwargs)
+def attached(backbone: nn.Module, modules, conditions=None, scales=1.0, **kwargs):
+    """Context manager form of :func:`attach` (same arguments): the hooks are removed on exit, even on error."""
+    adapter = attach(backbone, modules, conditions, scales, **kwargs)
     try:
         yield adapter
     finally:

@@ -21,14 +21,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .families import family_of_variant, get_family
 from .models.controlnext import ControlNeXtModel
-from .models.variants import VARIANT_FAMILY, VARIANTS
+from .models.variants import VARIANTS
 
 logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# Light layouts share keys and shapes; the family of the UNet they are used with decides.
-_LIGHT_BY_FAMILY = {"sd15": "sd15-training", "sdxl": "sdxl", "svd": "svd-v2"}
+
+
+def _check_family(what: str | Path, variant: str, family: str | None) -> None:
+    """Refuse a published variant on a backbone of another family."""
+    made_for = family_of_variant(variant)
+    if family is not None and made_for is not None and made_for is not get_family(family):
+        fam = get_family(family)
+        raise ValueError(
+            f"{what} looks like a {variant!r} module (for {made_for.name} {made_for.kind}s) but the {fam.kind} is "
+            f"{fam.name}: use a module made for {fam.title}."
+        )
 
 
 def read_state_dict(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -127,7 +137,7 @@ def load_controlnext_file(
         if chosen is None and len(candidates) == 1:
             chosen = candidates[0]
         if chosen is None and family is not None:
-            chosen = _LIGHT_BY_FAMILY.get(family)
+            chosen = get_family(family).light_variant
         if chosen is None and Path(path).suffix == ".safetensors":
             chosen = "sdxl"
         if chosen is None:
@@ -142,11 +152,7 @@ def load_controlnext_file(
                 else f"{path}: {_mismatch_report(state_dict)}"
             )
         model = ControlNeXtModel.from_variant(chosen)
-    chosen = model.config.variant
-    if family is not None and VARIANT_FAMILY.get(chosen, family) != family:
-        raise ValueError(
-            f"{path} looks like a {chosen!r} module (for {VARIANT_FAMILY[chosen]} UNets) but the UNet is {family}."
-        )
+    _check_family(path, model.config.variant, family)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path} does not match its declared config: {_mismatch_report(state_dict)}")
@@ -194,8 +200,7 @@ def load_controlnext(
         model = ControlNeXtModel.from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **hub_kwargs)
     except OSError as err:
         raise FileNotFoundError(f"Could not load a ControlNeXt module from {path_or_id!r}: {err}") from err
-    if family is not None and VARIANT_FAMILY.get(model.config.variant, family) != family:
-        raise ValueError(f"{path_or_id} is a {model.config.variant!r} module, not for {family} UNets.")
+    _check_family(path_or_id, model.config.variant, family)
     return model.eval()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..cli import UserError
@@ -71,18 +70,14 @@ def load_pipeline(model: str, device: str, dtype, controlnext: str, variant: str
     """Build the right ControlNeXt pipeline for a base model folder/id and load the control module into it."""
     import diffusers
 
-    from ..pipelines import StableDiffusionControlNeXtPipeline, StableDiffusionXLControlNeXtPipeline
+    from ..families import detect_family
 
-    index = Path(model) / "model_index.json"
-    is_xl = False
-    if index.is_file():
-        is_xl = "text_encoder_2" in json.loads(index.read_text())
-    elif not Path(model).exists() and "xl" in model.lower():
-        is_xl = True
-    cls = StableDiffusionXLControlNeXtPipeline if is_xl else StableDiffusionControlNeXtPipeline
-    extra = {} if is_xl else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = cls.from_pretrained(model, torch_dtype=dtype, **extra)
+        family = detect_family(model)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    try:
+        pipe = family.pipeline_class().from_pretrained(model, torch_dtype=dtype, **family.pipeline_kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the base model {model!r}: {err}") from err
     diffusers.utils.logging.set_verbosity_error()

@@ -13,7 +13,9 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .variants import INJECTION_POINTS, variant_config
+from ..cross_norm import cross_normalize, pool_to
+from ..families import injection_point as _known_point
+from .variants import variant_config
 
 __all__ = ["ControlNeXtModel", "ControlNeXtOutput", "StaticFeatures"]
 
@@ -49,8 +51,10 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
     Besides the encoder layout, the config records how the module is applied to a UNet: ``injection_point``,
     ``pool_first``/``norm_eps`` (Cross Normalization order and epsilon), ``scale_rule``/``control_level`` (how the
     effective scale is formed), ``normalization`` (``cross_norm``, or the paper's ``zero_conv`` ablation),
-    ``uncond_control`` (whether the unconditional half of classifier-free guidance gets
-    the control) and ``condition_range`` (the pixel range the encoder expects).
+    ``uncond_control`` (``False``: as the SVD releases do, the raw scale is zeroed on the unconditional half of
+    classifier-free guidance before the scale rule applies, so a linear rule gives that half no control and the v1
+    sigmoid rule gives it ``sigmoid(0) * control_level``) and ``condition_range`` (the pixel range the encoder
+    expects).
 
     Inputs: ``condition`` of shape (B, 3, H, W) or, for video, (B, F, 3, H, W), in ``condition_range``; output
     features are at 1/8 of the condition's size (the latent size) for the light layouts.
@@ -88,8 +92,10 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         normalization: str = "cross_norm",
     ):
         super().__init__()
-        if injection_point not in INJECTION_POINTS:
-            raise ValueError(f"injection_point must be one of {INJECTION_POINTS}, got {injection_point!r}.")
+        try:
+            _known_point(injection_point)
+        except ValueError as err:
+            raise ValueError(f"injection_point: {err}") from None
         if scale_rule not in ("linear", "sigmoid"):
             raise ValueError(f"scale_rule must be 'linear' or 'sigmoid', got {scale_rule!r}.")
         if normalization not in ("cross_norm", "zero_conv"):
@@ -165,6 +171,23 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         """The module's own scale factor (0-dim tensor), before the user's conditioning scale."""
         s = torch.sigmoid(self.scale) if self.config.scale_rule == "sigmoid" else self.scale
         return s * self.config.control_level
+
+    def zeroed_scale(self) -> float:
+        """The scale rule at a raw scale of 0: what the unconditional half gets when ``uncond_control`` is off."""
+        return 0.5 * self.config.control_level if self.config.scale_rule == "sigmoid" else 0.0
+
+    def align(self, features: torch.Tensor, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The control to add at the injection point, before scaling, with ``hidden``'s size, dtype and rows.
+
+        Cross Normalization of ``features`` to ``hidden`` (see :func:`controlnext.cross_norm.cross_normalize`), or for
+        the ``zero_conv`` ablation the zero-initialised 1x1 conv then pooling. ``index`` maps hidden rows to feature
+        rows (one encoded condition serving several backbone samples).
+        """
+        cfg = self.config
+        if cfg.normalization == "zero_conv":
+            c = pool_to(self.zero_conv(features), hidden.shape[-2:]).to(hidden.dtype)
+            return c if index is None else c.index_select(0, index)
+        return cross_normalize(features, hidden, eps=cfg.norm_eps, pool_first=cfg.pool_first, index=index)
 
     def _flatten_video(self, condition: torch.Tensor) -> tuple[torch.Tensor, int]:
         if condition.dim() == 5:

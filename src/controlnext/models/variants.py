@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-# Injection points, named after where the control is added in the stock UNet.
-BEFORE_DOWN0 = "before_down_block_0"  # after conv_in, before down block 0; conv_in's skip stays un-controlled
-AFTER_DOWN0 = "after_down_block_0"  # on down block 0's returned hidden state; its skip tensors stay un-controlled
-AFTER_MID = "after_mid_block"  # on the mid block's output, before the up blocks
-INJECTION_POINTS = (BEFORE_DOWN0, AFTER_DOWN0, AFTER_MID)
+# Injection points by name; what each one hooks is data of the base-model family (see controlnext.families).
+BEFORE_DOWN0 = "before_down_block_0"
+AFTER_DOWN0 = "after_down_block_0"
+BEFORE_MID = "before_mid_block"
+AFTER_MID = "after_mid_block"
 
 # Shared 3.5M-parameter layout of `sd15-training`, `sdxl` and `svd-v2`.
 _LIGHT = dict(
@@ -79,12 +79,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         mid_residual=True,
         out_channels=1280,
         learnable_scale=True,
-        injection_point=AFTER_MID,
+        # The release adds the control to the last down block's output, the mid block's input (the lines just
+        # before `# 4. mid` of its forked UNet), after the skip tensors were collected.
+        injection_point=BEFORE_MID,
         pool_first=False,
         norm_eps=1e-5,
         scale_rule="sigmoid",
         control_level=1.3,
-        uncond_control=False,  # the v1 release also zeroes the control on the unconditional half
+        # The release zeroes the raw scale on the unconditional half; sigmoid(0) * 1.3 leaves that half 0.65.
+        uncond_control=False,
         condition_range="0,1",
     ),
     "svd-v2": dict(
@@ -101,9 +104,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         condition_range="0,1",  # the SVD releases map the pose frames back to [0, 1] before the encoder
     ),
 }
-
-# Which UNet family each variant was published for (used to refuse a module on the wrong UNet).
-VARIANT_FAMILY = {"sd15": "sd15", "sd15-training": "sd15", "sdxl": "sdxl", "svd": "svd", "svd-v2": "svd"}
 
 
 def variant_config(name: str, **overrides: Any) -> dict[str, Any]:

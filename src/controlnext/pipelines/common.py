@@ -18,7 +18,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..conditioning import load_condition
-from ..inject import ControlNeXtAdapter, attach, unet_family
+from ..families import detect_family
+from ..inject import ControlNeXtAdapter, attached
 from ..models.controlnext import ControlNeXtModel
 
 
@@ -64,6 +65,21 @@ def _per_module(value: Any, n: int, name: str) -> list:
     return [value] * n
 
 
+class _LiveRun:
+    """The pipeline's own guidance and schedule length, read at each UNet call (both are set inside the stock call)."""
+
+    def __init__(self, pipe: Any):
+        self._pipe = pipe
+
+    @property
+    def guidance(self) -> bool:
+        return bool(self._pipe.do_classifier_free_guidance)
+
+    @property
+    def num_steps(self) -> int:
+        return getattr(self._pipe, "_num_timesteps", None) or 1
+
+
 class ControlNeXtPipelineMixin:
     """Mixed into a stock diffusers pipeline class (placed before it in the bases); see :func:`with_controlnext`."""
 
@@ -92,7 +108,7 @@ class ControlNeXtPipelineMixin:
         """Load a control module (file, folder or hub id), check it fits this UNet, and add it to the pipeline."""
         from ..loading import load_controlnext
 
-        module = load_controlnext(path_or_id, variant=variant, family=unet_family(self.unet), **kwargs)
+        module = load_controlnext(path_or_id, variant=variant, family=detect_family(self.unet).name, **kwargs)
         module = module.to(device=self.unet.device, dtype=self.unet.dtype)
         self.set_controlnext([*self.controlnext_modules, module])
         return module
@@ -157,19 +173,14 @@ class ControlNeXtPipelineMixin:
         conditions = [load_condition(img) for img in images]
         self._control_size(args, kwargs, conditions[0])
 
-        adapter = attach(self.unet, modules)
-        try:
-            device = self._execution_device
-            for slot, cond, s, a, b in zip(adapter.slots, conditions, scales, starts, ends):
-                slot.scale, slot.start, slot.end = float(s), float(a), float(b)
-                slot.set_condition(cond.to(device=device, dtype=slot.module.dtype))
-            adapter.guidance = lambda: self.do_classifier_free_guidance
-            adapter.num_steps = lambda: getattr(self, "_num_timesteps", None) or 1
-            adapter.pixel_factor = self.vae_scale_factor
+        device = self._execution_device
+        conditions = [c.to(device=device, dtype=m.dtype) for c, m in zip(conditions, modules)]
+        with attached(
+            self.unet, modules, conditions, scales, starts=starts, ends=ends,
+            run=_LiveRun(self), pixel_factor=self.vae_scale_factor,
+        ) as adapter:  # fmt: skip
             self._wrap_step_callback(adapter, kwargs)
             return super().__call__(*args, **kwargs)
-        finally:
-            adapter.detach()
 
     @staticmethod
     def _wrap_step_callback(adapter: ControlNeXtAdapter, kwargs: dict) -> None:

@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..conditioning import load_condition
-from ..inject import attach
+from ..inject import attached
 from .common import ControlNeXtPipelineMixin, with_controlnext
 
 logger = logging.getLogger(__name__)
@@ -414,30 +414,20 @@ class StableVideoDiffusionControlNeXtPipeline(ControlNeXtPipelineMixin, StableVi
         schedulers = [copy.deepcopy(self.scheduler) for _ in starts]
         self._num_timesteps = len(timesteps)
 
-        adapter = attach(self.unet, modules) if modules else None
-        try:
-            if adapter is not None:
-                adapter.guidance = do_cfg
-                adapter.num_steps = num_inference_steps
-                for slot, module, scale in zip(adapter.slots, modules, scales):
-                    level = 1.0
-                    if control_level is not None:
-                        if module.config.control_level == 0:
-                            raise ValueError("This module's control level is 0, so it cannot be rescaled.")
-                        level = control_level / module.config.control_level
-                    slot.scale, slot.start, slot.end = (
-                        float(scale) * level,
-                        control_guidance_start,
-                        control_guidance_end,
-                    )
+        levels = []
+        for module in modules:
+            if control_level is not None and module.config.control_level == 0:
+                raise ValueError("This module's control level is 0, so it cannot be rescaled.")
+            levels.append(1.0 if control_level is None else control_level / module.config.control_level)
+        with attached(
+            self.unet, modules, None, [float(s) * lv for s, lv in zip(scales, levels)],
+            starts=control_guidance_start, ends=control_guidance_end, guidance=do_cfg, num_steps=num_inference_steps,
+        ) as adapter:  # conditions are set per window in _denoise
             latents = self._denoise(
                 latents, timesteps, schedulers, starts, weights, length, controls, adapter,
                 image_embeddings, window_image_latents, added_time_ids, do_cfg,
                 callback_on_step_end, callback_on_step_end_tensor_inputs or ["latents"],
             )  # fmt: skip
-        finally:
-            if adapter is not None:
-                adapter.detach()
 
         if output_type == "latent":
             frames = latents
@@ -471,11 +461,10 @@ class StableVideoDiffusionControlNeXtPipeline(ControlNeXtPipelineMixin, StableVi
         n_steps, n_windows = len(timesteps), len(starts)
         with self.progress_bar(total=n_steps * n_windows) as bar:
             for i, t in enumerate(timesteps):
-                if adapter is not None:
-                    adapter.set_step(i)
+                adapter.set_step(i)
                 blended = torch.zeros_like(latents)
                 for w, (start, scheduler) in enumerate(zip(starts, schedulers)):
-                    for k, (slot, control) in enumerate(zip(adapter.slots if adapter else [], controls)):
+                    for k, (slot, control) in enumerate(zip(adapter.slots, controls)):
                         if current[k] != start:  # one window: set once, so the static features stay cached
                             slot.set_condition(control.window(start, length, latents.device, slot.module.dtype))
                             current[k] = start

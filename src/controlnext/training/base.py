@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BaseModel", "PromptEncoder", "load_base_model", "detect_family"]
+from ..families import detect_family, get_family
+
+__all__ = ["BaseModel", "PromptEncoder", "load_base_model"]
 
 
 @dataclass
 class BaseModel:
-    """Components of a base model. ``family`` is 'sd15' or 'sdxl'."""
+    """Components of a base model. ``family`` is the name of its :class:`controlnext.families.Family`."""
 
     family: str
     unet: torch.nn.Module
@@ -27,16 +29,6 @@ class BaseModel:
     noise_scheduler: object
     source: str
     extra: dict = field(default_factory=dict)
-
-
-def detect_family(path_or_id: str, unet=None) -> str:
-    """'sdxl' when the base has a second text encoder or an SDXL UNet, else 'sd15'."""
-    if unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    local = Path(path_or_id)
-    if local.is_dir():
-        return "sdxl" if (local / "text_encoder_2").is_dir() else "sd15"
-    return "sd15"
 
 
 def _hub_kwargs(revision: str | None, variant: str | None) -> dict:
@@ -82,10 +74,10 @@ def _load(path_or_id: str, family: str, kw: dict, revision: str | None, vae_path
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet", **kw)
-    detected = detect_family(path_or_id, unet)
+    detected = detect_family(unet).name
     if family == "auto":
         family = detected
-    elif family != detected:
+    elif get_family(family).name != detected:
         raise ValueError(f"--family {family} was given but the base model {path_or_id!r} looks like {detected}.")
     if vae_path:
         vae = AutoencoderKL.from_pretrained(vae_path, subfolder="vae" if (Path(vae_path) / "vae").is_dir() else None)
@@ -93,7 +85,7 @@ def _load(path_or_id: str, family: str, kw: dict, revision: str | None, vae_path
         vae = AutoencoderKL.from_pretrained(path_or_id, subfolder="vae", **kw)
     tokenizers = [CLIPTokenizer.from_pretrained(path_or_id, subfolder="tokenizer", revision=revision)]
     encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(path_or_id, subfolder="text_encoder", **kw)]
-    if family == "sdxl":
+    if get_family(family).text_encoders == 2:
         tokenizers.append(CLIPTokenizer.from_pretrained(path_or_id, subfolder="tokenizer_2", revision=revision))
         encoders.append(CLIPTextModelWithProjection.from_pretrained(path_or_id, subfolder="text_encoder_2", **kw))
     scheduler = DDPMScheduler.from_pretrained(path_or_id, subfolder="scheduler", revision=revision)
@@ -116,6 +108,7 @@ class PromptEncoder:
         self.device = device
         self.dtype = dtype
         self.cache_size = cache_size
+        self._penultimate = get_family(base.family).sdxl_text_conditioning
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
 
     @torch.no_grad()
@@ -129,7 +122,7 @@ class PromptEncoder:
                 truncation=True,
                 return_tensors="pt",
             ).input_ids.to(self.device)
-            if self.base.family == "sdxl":
+            if self._penultimate:
                 out = encoder(ids, output_hidden_states=True)
                 hidden.append(out.hidden_states[-2])  # penultimate layer, as SDXL was trained
                 pooled = out[0]  # the last encoder's projected pooled output

@@ -8,13 +8,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TrainConfig", "add_train_arguments", "config_from_args", "parse_train_args", "FAMILY_DEFAULTS"]
+from ..families import families, get_family
 
-# Published training choices per family (see docs/training.md): control module variant, resolution, UNet subset.
-FAMILY_DEFAULTS = {
-    "sd15": dict(controlnext_variant="sd15-training", resolution=512),
-    "sdxl": dict(controlnext_variant="sdxl", resolution=1024),
-}
+__all__ = ["TrainConfig", "add_train_arguments", "config_from_args", "parse_train_args"]
+
+
+def _image_families() -> list[str]:
+    """The families ``controlnext train`` takes (the video family has ``train-video``)."""
+    return [f.name for f in families() if not f.video]
 
 
 @dataclass
@@ -109,7 +110,8 @@ class TrainConfig:
 
         need(bool(self.pretrained_model), "--pretrained-model is required (a diffusers folder or hub id).")
         need(bool(self.dataset), "--dataset is required (a local folder/file or a hub dataset id).")
-        need(self.family in ("auto", "sd15", "sdxl"), f"--family must be auto, sd15 or sdxl, got {self.family!r}.")
+        known = ["auto", *_image_families()]
+        need(self.family in known, f"--family must be one of {', '.join(known)}; got {self.family!r}.")
         need(
             self.control_injection in ("cross_norm", "zero_conv"),
             f"--control-injection must be cross_norm or zero_conv, got {self.control_injection!r}.",
@@ -234,7 +236,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="Base model: a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or hub id.",
     )
     g.add_argument(
-        "--family", default=d.family, choices=["auto", "sd15", "sdxl"], help="Base model family (default: detected)."
+        "--family", default=d.family, choices=["auto", *_image_families()], help="Base model family (default: detected)"
     )
     g.add_argument("--revision", default=None, help="Hub revision of the base model.")
     g.add_argument("--base-variant", default=None, help="Hub file variant of the base model weights (e.g. fp16).")
@@ -245,8 +247,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument(
         "--controlnext-variant",
         default=None,
-        choices=["sd15", "sd15-training", "sdxl"],
-        help="Layout of a new control module (default: sd15-training for SD1.5, sdxl for SDXL).",
+        choices=[v for name in _image_families() for v in get_family(name).variants],
+        help="Layout of a new control module (default: the family's, sd15-training for SD1.5, sdxl for SDXL).",
     )
     g.add_argument(
         "--controlnext-config",

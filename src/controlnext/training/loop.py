@@ -27,15 +27,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..families import get_family
 from ..inject import attached, injection_channels
 from ..models.controlnext import ControlNeXtModel
 from .base import BaseModel, PromptEncoder, load_base_model
 from .checkpoint import remove_partial, resolve_resume, save_checkpoint, verify_checkpoint, write_text_atomic
-from .config import FAMILY_DEFAULTS, TrainConfig
+from .config import TrainConfig
 from .data import ColumnNames, ControlDataset, EpochBatchSampler, bucket_sizes, collate, open_source, scan_rows
 from .export import export_outputs, write_model_card
 from .trainable import (
-    DEFAULT_UNET_PATTERNS,
     TrainableSet,
     apply_trainable,
     fingerprint,
@@ -143,7 +143,7 @@ def _make_controlnext(cfg: TrainConfig, unet: nn.Module, family: str) -> Control
                 f"--control-injection {cfg.control_injection} was asked; drop one of them."
             )
         return module.to(torch.float32)
-    variant = cfg.controlnext_variant or FAMILY_DEFAULTS[family]["controlnext_variant"]
+    variant = cfg.controlnext_variant or get_family(family).default_variant
     overrides = cfg.control_overrides()
     from ..models.variants import variant_config
 
@@ -270,10 +270,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
         cfg.pretrained_model, cfg.family, cfg.revision, cfg.base_variant, cfg.pretrained_vae
     )
     family = base.family
-    resolution = cfg.resolution or FAMILY_DEFAULTS[family]["resolution"]
+    fam = get_family(family)
+    resolution = cfg.resolution or fam.resolution
     unet = base.unet
     controlnext = _make_controlnext(cfg, unet, family)
-    patterns = cfg.train_unet if cfg.train_unet is not None else DEFAULT_UNET_PATTERNS[family]
+    patterns = cfg.train_unet if cfg.train_unet is not None else list(fam.trainable_patterns)
     unet_names = select_unet_parameters(unet, patterns)
     trainable = apply_trainable(unet, controlnext, unet_names)
     say(
@@ -294,7 +295,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     for p in unet.parameters():
         if not p.requires_grad:
             p.data = p.data.to(weight_dtype)
-    keep_vae_fp32 = family == "sdxl" and not cfg.pretrained_vae  # the stock SDXL VAE overflows in fp16
+    keep_vae_fp32 = fam.vae_fp32 and not cfg.pretrained_vae  # the stock SDXL VAE overflows in fp16
     for module, dtype in [(base.vae, torch.float32 if keep_vae_fp32 else weight_dtype)] + [
         (enc, weight_dtype) for enc in base.text_encoders
     ]:
@@ -488,9 +489,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         timesteps = torch.stack([torch.randint(0, num_t, (), generator=g) for g in gens]).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         embeds, pooled = prompts(batch["captions"])
-        added = None
-        if family == "sdxl":
-            added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device=device, dtype=weight_dtype)}
+        added = fam.added_conditioning(pooled, batch["time_ids"].to(device=device, dtype=weight_dtype))
         pred = model(noisy, timesteps, embeds, batch["conditioning"].to(device), added)
         target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
         if cfg.snr_gamma is None:

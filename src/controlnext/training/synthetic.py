@@ -28,8 +28,9 @@ def write_tiny_base(path: str | Path, family: str = "sd15", seed: int = 0) -> Pa
     ``scaling_factor`` of 1/std of the latents of synthetic shape images (unit-variance latents, as SD's 0.18215).
     """
     import torch
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDPMScheduler
 
+    from ..families import get_family
     from ..tiny import tiny_pipeline_components
 
     path = Path(path)
@@ -52,8 +53,7 @@ def write_tiny_base(path: str | Path, family: str = "sd15", seed: int = 0) -> Pa
     comps["scheduler"] = DDPMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, clip_sample=False
     )
-    pipe_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    pipe_cls(**comps).save_pretrained(str(path))
+    get_family(family).stock_pipeline_class()(**comps).save_pretrained(str(path))
     import shutil
 
     shutil.rmtree(path / "_src", ignore_errors=True)

@@ -8,11 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_UNET_PATTERNS", "TrainableSet", "select_unet_parameters", "apply_trainable", "parameter_groups"]
+__all__ = ["TrainableSet", "select_unet_parameters", "apply_trainable", "parameter_groups"]
 
-# The published choices: SD1.5 trains every attention output projection (names containing `to_out`), SDXL the
-# cross-attention output projections (regex `.*attn2.*to_out.*`).
-DEFAULT_UNET_PATTERNS: dict[str, list[str]] = {"sd15": ["to_out"], "sdxl": [".*attn2.*to_out.*"]}
+# The published choices per family are `Family.trainable_patterns` (controlnext.families).
 
 
 @dataclass

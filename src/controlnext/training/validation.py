@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..families import get_family
+
 __all__ = ["validation_pairs", "make_grid", "run_validation"]
 
 log = logging.getLogger(__name__)
@@ -37,16 +39,6 @@ def make_grid(rows: list[list[Image.Image]], cell: tuple[int, int]) -> Image.Ima
     return grid
 
 
-def _pipeline_class(family: str):
-    try:
-        from .. import pipelines
-    except ImportError:
-        return None
-    name = "StableDiffusionXLControlNeXtPipeline" if family == "sdxl" else "StableDiffusionControlNeXtPipeline"
-    return getattr(pipelines, name, None)
-
-
-_warned = False
 
 
 @torch.no_grad()
@@ -68,28 +60,21 @@ def run_validation(
     guidance_scale: float = 7.5,
 ) -> Path | None:
     """Generate ``num_images`` per pair with the ControlNeXt pipeline; returns the saved grid (None if skipped)."""
-    global _warned
-    pipe_cls = _pipeline_class(base.family)
-    if pipe_cls is None:
-        if not _warned:
-            log.warning("Validation skipped: controlnext.pipelines has no %s pipeline in this install.", base.family)
-            _warned = True
-        return None
     from diffusers import UniPCMultistepScheduler
+
+    family = get_family(base.family)
 
     comps = dict(
         vae=base.vae,
-        text_encoder=base.text_encoders[0],
-        tokenizer=base.tokenizers[0],
         unet=unet,
         scheduler=UniPCMultistepScheduler.from_config(base.noise_scheduler.config),
         controlnext=controlnext,
+        **family.pipeline_kwargs,
     )
-    if base.family == "sdxl":
-        comps.update(text_encoder_2=base.text_encoders[1], tokenizer_2=base.tokenizers[1])
-    else:
-        comps.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipe_cls(**comps)
+    for i, (encoder, tokenizer) in enumerate(zip(base.text_encoders, base.tokenizers)):
+        suffix = f"_{i + 1}" if i else ""
+        comps.update({f"text_encoder{suffix}": encoder, f"tokenizer{suffix}": tokenizer})
+    pipe = family.pipeline_class()(**comps)
     pipe.set_progress_bar_config(disable=True)
     was_training = (unet.training, controlnext.training)
     unet.eval()

@@ -12,7 +12,6 @@ A :class:`ModelSpec` names a base model and a control module by reference:
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import threading
@@ -196,27 +195,17 @@ def _device_and_dtype():
     return "cpu", torch.float32
 
 
-def _pipeline_class(base: str):
-    from ..pipelines import StableDiffusionControlNeXtPipeline, StableDiffusionXLControlNeXtPipeline
-
-    index = Path(base) / "model_index.json"
-    if index.is_file():
-        info = json.loads(index.read_text())
-        xl = "text_encoder_2" in info or "XL" in str(info.get("_class_name", ""))
-    else:  # single file or hub id: the name is the only hint before loading
-        xl = "xl" in Path(base).name.lower()
-    return StableDiffusionXLControlNeXtPipeline if xl else StableDiffusionControlNeXtPipeline
-
-
 def _load_base(base: str, dtype):
     if base == TINY:
         from ..pipelines import StableDiffusionControlNeXtPipeline
         from ..tiny import tiny_pipeline_components
 
         return StableDiffusionControlNeXtPipeline(**tiny_pipeline_components("sd15", tempfile.mkdtemp(prefix="cnx-")))
-    cls = _pipeline_class(base)
-    is_sd15 = cls.__name__.startswith("StableDiffusionControlNeXt")
-    extra = {"safety_checker": None, "requires_safety_checker": False} if is_sd15 else {}
+    from ..families import detect_family
+
+    family = detect_family(base)
+    cls = family.pipeline_class()
+    extra = dict(family.pipeline_kwargs)
     try:
         if Path(base).is_file():
             return cls.from_single_file(base, torch_dtype=dtype, **extra)
@@ -233,14 +222,14 @@ def _load_base(base: str, dtype):
 
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Build the pipeline for ``spec`` (base, control module, LoRA) on the best available device."""
-    from ..inject import unet_family
+    from ..families import detect_family
 
     device, dtype = _device_and_dtype()
     base = validate_base_ref(spec.base)
     control = validate_control_ref(spec.controlnext)
     lora = validate_lora_ref(spec.lora)
     pipe = _load_base(base, dtype)
-    family = unet_family(pipe.unet)
+    family = detect_family(pipe).name
     if control == TINY:
         from ..tiny import tiny_controlnext
 

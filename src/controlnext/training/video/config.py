@@ -8,10 +8,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...families import get_family
+
 __all__ = ["VideoTrainConfig", "add_video_train_arguments", "video_config_from_args"]
 
-# The released SVD model continues training the whole UNet with the control module; ".*" selects every parameter.
-DEFAULT_VIDEO_UNET_PATTERNS = [".*"]
 
 
 @dataclass
@@ -25,7 +25,7 @@ class VideoTrainConfig:
     controlnext: str | None = None
     controlnext_variant: str = "svd-v2"
     controlnext_config: str | None = None
-    train_unet: list[str] = field(default_factory=lambda: list(DEFAULT_VIDEO_UNET_PATTERNS))
+    train_unet: list[str] = field(default_factory=lambda: list(get_family("svd").trainable_patterns))
     allow_pickle: bool = False
     # data
     dataset: str = ""

@@ -1,0 +1,399 @@
+"""Base-model families and their injection points, as data: the one place that knows SD1.5, SDXL and SVD.
+
+A :class:`Family` holds everything that differs between bases: how to recognise one (from a model object, a
+pipeline, a config or a folder), where ControlNeXt control can be injected (:class:`InjectionPoint` objects), the
+published defaults (control-module variant, resolution, trainable UNet parameters), how prompts and added
+conditioning are built for training, and which pipeline classes serve it. Every caller (the adapter, loading,
+training, validation, the CLI and the web app) asks :func:`detect_family` and :func:`get_family`; adding a family is
+one :func:`register_family` call. This module imports no torch, so the CLI stays fast to start.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "Family",
+    "InjectionPoint",
+    "UNET_POINTS",
+    "detect_family",
+    "families",
+    "family_of_variant",
+    "get_family",
+    "injection_point",
+    "register_family",
+]
+
+Layout = Literal["image", "video", "tokens"]
+
+
+@dataclass(frozen=True)
+class InjectionPoint:
+    """Where control is added: one submodule of the backbone, before (``pre``) or after (``post``) it runs.
+
+    ``module`` is the dotted submodule path (``"down_blocks.0"``). A ``pre`` point edits the submodule's input named
+    ``hidden_kwarg`` (or its first positional argument); a ``post`` point edits its output: the tensor itself
+    (``output_index=None``) or element ``output_index`` of a returned tuple, leaving the other elements (skip
+    tensors) as they are. ``channels`` reads the hidden state's channel count from the backbone's config, and
+    ``layout`` names the hidden state's shape: ``image`` (B, C, H, W), ``video`` (B*F, C, H, W), ``tokens`` (B, N, D).
+    """
+
+    name: str
+    module: str
+    when: Literal["pre", "post"]
+    channels: Callable[[Any], int]
+    description: str
+    hidden_kwarg: str = "hidden_states"
+    output_index: int | None = None
+    layout: Layout = "image"
+
+    def submodule(self, backbone: nn.Module) -> nn.Module:
+        """The backbone's submodule this point hooks."""
+        try:
+            return backbone.get_submodule(self.module)
+        except AttributeError as err:
+            raise ValueError(
+                f"Injection point {self.name!r} needs the submodule {self.module!r}, which this "
+                f"{type(backbone).__name__} does not have."
+            ) from err
+
+    def hook(
+        self, backbone: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor], prepend: bool = False
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Register ``edit`` (hidden state -> new hidden state; the same object for no change) at this point."""
+        target = self.submodule(backbone)
+        if self.when == "pre":
+            key = self.hidden_kwarg
+
+            def pre(module, args, kwargs):
+                if key in kwargs:
+                    new = edit(kwargs[key])
+                    return None if new is kwargs[key] else (args, {**kwargs, key: new})
+                new = edit(args[0])
+                return None if new is args[0] else ((new, *args[1:]), kwargs)
+
+            return target.register_forward_pre_hook(pre, with_kwargs=True, prepend=prepend)
+
+        index = self.output_index
+
+        def post(module, args, output):
+            if index is None:
+                new = edit(output)
+                return None if new is output else new
+            new = edit(output[index])
+            return None if new is output[index] else (*output[:index], new, *output[index + 1 :])
+
+        return target.register_forward_hook(post, prepend=prepend)
+
+    def bracket(
+        self, backbone: nn.Module, before: Callable[..., None], after: Callable[..., None]
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that run ``before`` ahead of every hook at this point and ``after`` behind them (for timing)."""
+        target = self.submodule(backbone)
+        register = target.register_forward_pre_hook if self.when == "pre" else target.register_forward_hook
+        return [register(before, prepend=True), register(after)]
+
+
+def _first_channels(config: Any) -> int:
+    return config.block_out_channels[0]
+
+
+def _last_channels(config: Any) -> int:
+    return config.block_out_channels[-1]
+
+
+# The UNet injection points (SD1.5, SDXL and SVD UNets share block structure and call conventions).
+UNET_POINTS = (
+    InjectionPoint(
+        "before_down_block_0",
+        "down_blocks.0",
+        "pre",
+        _first_channels,
+        "after conv_in, before down block 0; conv_in's skip tensor stays un-controlled",
+    ),
+    InjectionPoint(
+        "after_down_block_0",
+        "down_blocks.0",
+        "post",
+        _first_channels,
+        "on down block 0's returned hidden state; the skip tensors it returned stay un-controlled",
+        output_index=0,
+    ),
+    InjectionPoint(
+        "before_mid_block",
+        "mid_block",
+        "pre",
+        _last_channels,
+        "on the last down block's output as the mid block receives it, after every skip tensor was collected",
+    ),
+    InjectionPoint(
+        "after_mid_block",
+        "mid_block",
+        "post",
+        _last_channels,
+        "on the mid block's output, before the up blocks",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One base-model family: recognition, injection points, published defaults and pipelines.
+
+    ``matches`` takes the denoiser's config as a mapping (with ``_class_name``). ``variants`` are the published
+    control-module layouts for this family; ``light_variant`` is the one a 3.5M-layout file is read as (those share
+    keys and shapes across families) and ``default_variant`` the layout of a newly trained module. ``pipelines`` maps a
+    task (``text2img``, ``img2img``, ``inpaint``, ``video``) to a class name in :mod:`controlnext.pipelines`.
+    """
+
+    name: str
+    title: str
+    matches: Callable[[Mapping[str, Any]], bool]
+    points: tuple[InjectionPoint, ...]
+    variants: tuple[str, ...]
+    light_variant: str
+    default_variant: str
+    resolution: int
+    trainable_patterns: tuple[str, ...]
+    pipelines: Mapping[str, str]
+    denoiser: str = "unet"  # the pipeline component (and folder) holding the backbone
+    kind: str = "UNet"  # what messages call the backbone
+    # Names of the denoiser's first two call arguments (the noisy sample, the timestep).
+    call_args: tuple[str, str] = ("sample", "timestep")
+    video: bool = False
+    # Prompt encoding for training: the number of text encoders, and whether (as SDXL was trained) the penultimate
+    # hidden layer is used and the last encoder's pooled output feeds the added text/time conditioning.
+    text_encoders: int = 1
+    sdxl_text_conditioning: bool = False
+    # The stock VAE of the family overflows in fp16 (SDXL): training keeps it in float32.
+    vae_fp32: bool = False
+    # Extra keyword arguments when building the family's pipeline from loose components (no safety checker).
+    pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # Key prefixes that identify a single-file (original layout) checkpoint of this family.
+    checkpoint_keys: tuple[str, ...] = ()
+
+    def point(self, name: str) -> InjectionPoint:
+        """The injection point called ``name``; an unknown name is an error that lists this family's points."""
+        for p in self.points:
+            if p.name == name:
+                return p
+        raise ValueError(
+            f"The {self.title} backbone has no injection point {name!r}; it offers {[p.name for p in self.points]}."
+        )
+
+    def pipeline_class(self, task: str = "text2img") -> type:
+        """The ControlNeXt pipeline class for ``task``."""
+        if task not in self.pipelines:
+            raise ValueError(f"No {task} pipeline for {self.title}; available: {sorted(self.pipelines)}.")
+        from . import pipelines
+
+        return getattr(pipelines, self.pipelines[task])
+
+    def stock_pipeline_class(self, task: str = "text2img") -> type:
+        """The stock diffusers pipeline that :meth:`pipeline_class` extends (for writing plain diffusers folders)."""
+        cls = self.pipeline_class(task)
+        return next(base for base in cls.__mro__[1:] if base.__module__.startswith("diffusers."))
+
+    def added_conditioning(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict | None:
+        """The UNet's ``added_cond_kwargs`` for training (SDXL's pooled text and size ids), else ``None``."""
+        if not self.sdxl_text_conditioning:
+            return None
+        return {"text_embeds": pooled, "time_ids": time_ids}
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add (or replace) a family. Detection tries families in registration order, newest first."""
+    _REGISTRY.pop(family.name, None)
+    _REGISTRY[family.name] = family
+    return family
+
+
+def families() -> list[Family]:
+    """The registered families, in detection order (most recently registered first)."""
+    return list(reversed(_REGISTRY.values()))
+
+
+def get_family(name: str | Family) -> Family:
+    """The family called ``name``; an unknown name is an error that lists the known ones."""
+    if isinstance(name, Family):
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown base-model family {name!r}; known families: {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def family_of_variant(variant: str) -> Family | None:
+    """The family a published control-module variant was made for (``None`` for an unpublished variant)."""
+    for fam in _REGISTRY.values():
+        if variant in fam.variants:
+            return fam
+    return None
+
+
+def injection_point(name: str) -> InjectionPoint:
+    """An injection point by name, from any registered family."""
+    for fam in _REGISTRY.values():
+        for p in fam.points:
+            if p.name == name:
+                return p
+    known = sorted({p.name for fam in _REGISTRY.values() for p in fam.points})
+    raise ValueError(f"Unknown injection point {name!r}; known points: {known}.")
+
+
+def _config_of(obj: Any) -> Mapping[str, Any] | None:
+    """The denoiser config of a model or pipeline object, as a mapping with ``_class_name``; ``None`` otherwise."""
+    for attr in ("unet", "transformer"):
+        inner = getattr(obj, attr, None)
+        if inner is not None and hasattr(inner, "config"):
+            obj = inner
+            break
+    config = getattr(obj, "config", None)
+    if config is None or not hasattr(obj, "forward"):
+        return None
+    return {**dict(config), "_class_name": type(obj).__name__}
+
+
+def _config_from_folder(folder: Path) -> Mapping[str, Any] | None:
+    """The denoiser's config.json in a diffusers folder (a pipeline folder, or a unet/transformer folder itself)."""
+    for sub in ("unet", "transformer", "."):
+        path = folder / sub / "config.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _config_from_hub(repo_id: str) -> Mapping[str, Any] | None:
+    """The denoiser's config from a hub repo (through the local cache; ``None`` when it cannot be had offline)."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import HFValidationError
+    except ImportError:
+        return None
+    for sub in ("unet", "transformer"):
+        try:
+            path = hf_hub_download(repo_id, "config.json", subfolder=sub)
+        except (OSError, ValueError, HFValidationError):
+            continue
+        return json.loads(Path(path).read_text())
+    return None
+
+
+def _checkpoint_keys(path: Path) -> list[str] | None:
+    """The tensor names of a ``.safetensors`` file, read from its header alone (no tensor is loaded)."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return None
+            return [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+    except (OSError, ValueError):
+        return None
+
+
+def detect_family(obj: Any) -> Family:
+    """The family of a denoiser (UNet/transformer), a pipeline, a config mapping, a model folder or a hub id.
+
+    Raises ``ValueError`` naming the known families when nothing matches (or the config cannot be read).
+    """
+    if isinstance(obj, Mapping):
+        config, what = obj, "this config"
+    elif isinstance(obj, (str, Path)):
+        what = repr(str(obj))
+        path = Path(obj)
+        config = _config_from_folder(path) if path.is_dir() else None
+        if config is None and not path.exists():
+            config = _config_from_hub(str(obj))
+        if path.is_file() and path.suffix == ".safetensors":
+            keys = _checkpoint_keys(path) or []
+            for fam in families():
+                if any(k.startswith(fam.checkpoint_keys) for k in keys) and fam.checkpoint_keys:
+                    return fam
+    else:
+        config, what = _config_of(obj), f"this {type(obj).__name__}"
+    if config is not None:
+        for fam in families():
+            if fam.matches(config):
+                return fam
+    known = ", ".join(f"{f.name} ({f.title})" for f in families())
+    hint = "its denoiser config (unet/config.json) could not be read" if config is None else "nothing matched"
+    raise ValueError(f"Could not tell which base-model family {what} is ({hint}); known families: {known}.")
+
+
+def _is_unet2d(config: Mapping[str, Any]) -> bool:
+    return config.get("_class_name") == "UNet2DConditionModel"
+
+
+register_family(
+    Family(
+        name="sd15",
+        title="Stable Diffusion 1.5",
+        matches=lambda c: _is_unet2d(c) and c.get("addition_embed_type") != "text_time",
+        points=UNET_POINTS,
+        variants=("sd15", "sd15-training"),
+        light_variant="sd15-training",
+        default_variant="sd15-training",
+        resolution=512,
+        trainable_patterns=("to_out",),  # every attention output projection (published SD1.5 training)
+        pipelines={
+            "text2img": "StableDiffusionControlNeXtPipeline",
+            "img2img": "StableDiffusionControlNeXtImg2ImgPipeline",
+            "inpaint": "StableDiffusionControlNeXtInpaintPipeline",
+        },
+        pipeline_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+        checkpoint_keys=("cond_stage_model.",),
+    )
+)
+register_family(
+    Family(
+        name="sdxl",
+        title="Stable Diffusion XL",
+        matches=lambda c: _is_unet2d(c) and c.get("addition_embed_type") == "text_time",
+        points=UNET_POINTS,
+        variants=("sdxl",),
+        light_variant="sdxl",
+        default_variant="sdxl",
+        resolution=1024,
+        trainable_patterns=(".*attn2.*to_out.*",),  # cross-attention output projections (published SDXL training)
+        pipelines={
+            "text2img": "StableDiffusionXLControlNeXtPipeline",
+            "img2img": "StableDiffusionXLControlNeXtImg2ImgPipeline",
+            "inpaint": "StableDiffusionXLControlNeXtInpaintPipeline",
+        },
+        text_encoders=2,
+        sdxl_text_conditioning=True,
+        vae_fp32=True,
+        checkpoint_keys=("conditioner.embedders.1.",),
+    )
+)
+register_family(
+    Family(
+        name="svd",
+        title="Stable Video Diffusion",
+        matches=lambda c: str(c.get("_class_name", "")).startswith("UNetSpatioTemporal"),
+        points=tuple(
+            InjectionPoint(p.name, p.module, p.when, p.channels, p.description, p.hidden_kwarg, p.output_index, "video")
+            for p in UNET_POINTS
+        ),
+        variants=("svd", "svd-v2"),
+        light_variant="svd-v2",
+        default_variant="svd-v2",
+        resolution=576,
+        trainable_patterns=(".*",),  # the SVD releases continue training the whole UNet
+        pipelines={"video": "StableVideoDiffusionControlNeXtPipeline"},
+        video=True,
+    )
+)
