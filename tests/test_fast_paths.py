@@ -394,7 +394,8 @@ def test_reduced_precision_through_adapter():
         k: {n: v.bfloat16() for n, v in val.items()} if isinstance(val, dict) else val.bfloat16()
         for k, val in kw.items()
     }
-    adapter = attach(unet, module, cond01, guidance=True)  # condition in float32: the module casts it once, into the cache
+    # The condition in float32: the module casts it once, into the cache.
+    adapter = attach(unet, module, cond01, guidance=True)
     try:
         out = unet(x.bfloat16(), t, **kw16).sample
     finally:

@@ -170,7 +170,7 @@ def test_cfg_dedup_equals_duplicated_and_encodes_once():
     calls = []
     module.time_embedding.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        with attached(unet, module, cond[[0, 1, 0, 1]]) as ad:  # the release: condition duplicated per half
+        with attached(unet, module, cond[[0, 1, 0, 1]]):  # the release: condition duplicated per half
             dup = [unet(x, t, **kw).sample for t in (900, 500)]
         calls.clear()
         with attached(unet, module, cond, guidance=True):

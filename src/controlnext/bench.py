@@ -49,8 +49,6 @@ from .bench_presets import (
     PRESETS,
     ROW_NAMES,
     SCHEDULE_STEPS,
-    SD15_UNET,
-    SDXL_UNET,
     TEXT_TOKENS,
     Preset,
 )
@@ -107,7 +105,7 @@ class BenchConfig:
         bad = [r for r in cfg.rows if r not in ROW_NAMES]
         if bad:
             raise ValueError(f"Unknown row(s) {bad}; rows are {', '.join(ROW_NAMES)}.")
-        if "controlnext-sd15-release" in cfg.rows and p.family != "sd15":
+        if "controlnext-sd15-release" in cfg.rows and "sd15" not in get_family(p.family).variants:
             raise ValueError("Row 'controlnext-sd15-release' is the SD1.5 release layout; it needs an sd15 preset.")
         if len(set(cfg.rows)) != len(cfg.rows):
             raise ValueError(f"Rows repeat: {cfg.rows}.")
@@ -208,7 +206,7 @@ def build_unet(preset: Preset, device: torch.device, dtype: torch.dtype) -> nn.M
     def make() -> nn.Module:
         if preset.tiny:
             return tiny_unet(preset.family)
-        return UNet2DConditionModel(**(SD15_UNET if preset.family == "sd15" else SDXL_UNET))
+        return UNet2DConditionModel(**get_family(preset.family).published_config)
 
     return _build(make, device, dtype)
 

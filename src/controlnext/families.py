@@ -151,7 +151,8 @@ class Family:
     ``matches`` takes the denoiser's config as a mapping (with ``_class_name``). ``variants`` are the published
     control-module layouts for this family; ``light_variant`` is the one a 3.5M-layout file is read as (those share
     keys and shapes across families) and ``default_variant`` the layout of a newly trained module. ``pipelines`` maps a
-    task (``text2img``, ``img2img``, ``inpaint``, ``video``) to a class name in :mod:`controlnext.pipelines`.
+    task (``text2img``, ``img2img``, ``inpaint``, ``video``) to a pipeline class, or its name in
+    :mod:`controlnext.pipelines`.
     """
 
     name: str
@@ -163,7 +164,7 @@ class Family:
     default_variant: str
     resolution: int
     trainable_patterns: tuple[str, ...]
-    pipelines: Mapping[str, str]
+    pipelines: Mapping[str, str | type]
     denoiser: str = "unet"  # the pipeline component (and folder) holding the backbone
     kind: str = "UNet"  # what messages call the backbone
     # Names of the denoiser's first two call arguments (the noisy sample, the timestep).
@@ -179,6 +180,8 @@ class Family:
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
     # Key prefixes that identify a single-file (original layout) checkpoint of this family.
     checkpoint_keys: tuple[str, ...] = ()
+    # The reference checkpoint's denoiser config (benchmarks build it with random weights).
+    published_config: Mapping[str, Any] = field(default_factory=dict)
 
     def point(self, name: str) -> InjectionPoint:
         """The injection point called ``name``; an unknown name is an error that lists this family's points."""
@@ -193,9 +196,12 @@ class Family:
         """The ControlNeXt pipeline class for ``task``."""
         if task not in self.pipelines:
             raise ValueError(f"No {task} pipeline for {self.title}; available: {sorted(self.pipelines)}.")
-        from . import pipelines
+        cls = self.pipelines[task]
+        if isinstance(cls, str):  # a name in controlnext.pipelines, imported on first use
+            from . import pipelines
 
-        return getattr(pipelines, self.pipelines[task])
+            cls = getattr(pipelines, cls)
+        return cls
 
     def stock_pipeline_class(self, task: str = "text2img") -> type:
         """The stock diffusers pipeline that :meth:`pipeline_class` extends (for writing plain diffusers folders)."""
@@ -251,9 +257,14 @@ def injection_point(name: str) -> InjectionPoint:
     raise ValueError(f"Unknown injection point {name!r}; known points: {known}.")
 
 
+def _denoiser_names() -> list[str]:
+    """The pipeline components (and folder names) that hold a backbone, over the registered families."""
+    return list(dict.fromkeys(f.denoiser for f in families()))
+
+
 def _config_of(obj: Any) -> Mapping[str, Any] | None:
     """The denoiser config of a model or pipeline object, as a mapping with ``_class_name``; ``None`` otherwise."""
-    for attr in ("unet", "transformer"):
+    for attr in _denoiser_names():
         inner = getattr(obj, attr, None)
         if inner is not None and hasattr(inner, "config"):
             obj = inner
@@ -266,7 +277,7 @@ def _config_of(obj: Any) -> Mapping[str, Any] | None:
 
 def _config_from_folder(folder: Path) -> Mapping[str, Any] | None:
     """The denoiser's config.json in a diffusers folder (a pipeline folder, or a unet/transformer folder itself)."""
-    for sub in ("unet", "transformer", "."):
+    for sub in (*_denoiser_names(), "."):
         path = folder / sub / "config.json"
         if path.is_file():
             try:
@@ -283,7 +294,7 @@ def _config_from_hub(repo_id: str) -> Mapping[str, Any] | None:
         from huggingface_hub.utils import HFValidationError
     except ImportError:
         return None
-    for sub in ("unet", "transformer"):
+    for sub in _denoiser_names():
         try:
             path = hf_hub_download(repo_id, "config.json", subfolder=sub)
         except (OSError, ValueError, HFValidationError):
@@ -333,6 +344,39 @@ def detect_family(obj: Any) -> Family:
     raise ValueError(f"Could not tell which base-model family {what} is ({hint}); known families: {known}.")
 
 
+# The published UNet configs (unet/config.json of the reference checkpoints, minus weights), for benchmarks and
+# meta-device sizes.
+_SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+_SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+
+
 def _is_unet2d(config: Mapping[str, Any]) -> bool:
     return config.get("_class_name") == "UNet2DConditionModel"
 
@@ -355,6 +399,7 @@ register_family(
         },
         pipeline_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
         checkpoint_keys=("cond_stage_model.",),
+        published_config=_SD15_UNET,
     )
 )
 register_family(
@@ -377,6 +422,7 @@ register_family(
         sdxl_text_conditioning=True,
         vae_fp32=True,
         checkpoint_keys=("conditioner.embedders.1.",),
+        published_config=_SDXL_UNET,
     )
 )
 register_family(

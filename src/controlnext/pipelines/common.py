@@ -94,6 +94,11 @@ class ControlNeXtPipelineMixin:
 
     # ------------------------------------------------------------------ modules
     @property
+    def backbone(self) -> nn.Module:
+        """The denoiser the control is injected into (the family's component: ``unet`` or ``transformer``)."""
+        return getattr(self, detect_family(self).denoiser)
+
+    @property
     def controlnext_modules(self) -> list[ControlNeXtModel]:
         cn = getattr(self, "controlnext", None)
         if cn is None:
@@ -108,8 +113,8 @@ class ControlNeXtPipelineMixin:
         """Load a control module (file, folder or hub id), check it fits this UNet, and add it to the pipeline."""
         from ..loading import load_controlnext
 
-        module = load_controlnext(path_or_id, variant=variant, family=detect_family(self.unet).name, **kwargs)
-        module = module.to(device=self.unet.device, dtype=self.unet.dtype)
+        module = load_controlnext(path_or_id, variant=variant, family=detect_family(self).name, **kwargs)
+        module = module.to(device=self.backbone.device, dtype=self.backbone.dtype)
         self.set_controlnext([*self.controlnext_modules, module])
         return module
 
@@ -117,7 +122,7 @@ class ControlNeXtPipelineMixin:
         """Apply trained UNet weights (a subset as values or deltas, as the releases ship them)."""
         from ..loading import load_unet_weights
 
-        return load_unet_weights(self.unet, path, mode=mode, **kwargs)[0]
+        return load_unet_weights(self.backbone, path, mode=mode, **kwargs)[0]
 
     # ------------------------------------------------------------------ call
     def _control_size(self, args: tuple, kwargs: dict, first_condition: torch.Tensor) -> None:
@@ -176,7 +181,7 @@ class ControlNeXtPipelineMixin:
         device = self._execution_device
         conditions = [c.to(device=device, dtype=m.dtype) for c, m in zip(conditions, modules)]
         with attached(
-            self.unet, modules, conditions, scales, starts=starts, ends=ends,
+            self.backbone, modules, conditions, scales, starts=starts, ends=ends,
             run=_LiveRun(self), pixel_factor=self.vae_scale_factor,
         ) as adapter:  # fmt: skip
             self._wrap_step_callback(adapter, kwargs)
