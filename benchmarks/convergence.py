@@ -11,7 +11,7 @@ method differs (the training loop is ``scripts/train_demo_controlnext.py``'s, sh
 * ``controlnet``: ``diffusers.ControlNetModel.from_unet(base_unet)`` (a trainable copy of the UNet encoder with zero
   convolutions on every skip), residuals passed to the frozen UNet, as diffusers' ``train_controlnet.py`` does.
 
-Every ``--eval-every`` steps the control fidelity (:mod:`controlnext.evaluation`: edge F1 with a 2 px tolerance, or
+Every ``--eval-every`` steps the control fidelity (:mod:`controlnext.shapes.metrics`: edge F1 with a 2 px tolerance, or
 mask IoU) is measured on ``--eval-n`` held-out (prompt, condition) cases, sampled with the same scheduler, steps,
 guidance and seeds for every method. Each method runs in its own subprocess so that peak memory (the process's
 peak RSS during training on CPU, reset when training starts; ``torch.cuda.max_memory_allocated`` on GPU) is its
@@ -129,8 +129,8 @@ def data_cache(args) -> Path:
 
 def run_method(args) -> dict:
     """Train one method (in this process) and return its record."""
-    from controlnext.data.shapes import condition_image, render_sample
-    from controlnext.evaluation import mean_fidelity
+    from controlnext.shapes.metrics import mean_fidelity
+    from controlnext.shapes.world import condition_image, render_sample
 
     torch.set_num_threads(args.threads)
     loop = _loop_module()
@@ -188,8 +188,8 @@ def _peak_cell(runs: list[dict]) -> str:
 
 def baseline(args, loop, base) -> float:
     """Fidelity of the base model alone (no control) on the same cases and seeds."""
-    from controlnext.data.shapes import condition_image, render_sample
-    from controlnext.evaluation import mean_fidelity
+    from controlnext.shapes.metrics import mean_fidelity
+    from controlnext.shapes.world import condition_image, render_sample
 
     cases = [render_sample(args.eval_seed, i) for i in range(args.eval_n)]
     imgs = sample(
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-json", type=Path, default=ROOT / "benchmarks" / "results" / "convergence.json")
     args = p.parse_args(argv)
     if args.base is None:
-        from controlnext.demo import demo_assets
+        from controlnext.shapes.demo import demo_assets
 
         assets = demo_assets()
         if assets is None:

@@ -15,8 +15,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from controlnext.pipelines.svd import StableVideoDiffusionControlNeXtPipeline, TensorMemoryTracker, tiny_svd_components
-from controlnext.tiny import tiny_controlnext
+from controlnext.pipelines.svd import StableVideoDiffusionControlNeXtPipeline, TensorMemoryTracker
+from controlnext.testing import tiny_svd_components
+from controlnext.testing.models import tiny_controlnext
 
 
 def peak_bytes(pipe, device: str, **kwargs) -> int:

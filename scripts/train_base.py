@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from controlnext.data.shapes import VOCABULARY, render_sample
+from controlnext.shapes.world import VOCABULARY, render_sample
 
 
 def log(msg: str) -> None:
@@ -66,7 +66,7 @@ def make_vae():
 def make_text_encoder(out: Path):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from controlnext.tiny import write_tiny_clip_tokenizer
+    from controlnext.testing.models import write_tiny_clip_tokenizer
 
     tok_dir = write_tiny_clip_tokenizer(out / "tokenizer_src", VOCABULARY)
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)

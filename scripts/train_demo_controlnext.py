@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from controlnext.data.shapes import condition_image, render_sample
+from controlnext.shapes.world import condition_image, render_sample
 
 METHODS = ("cross_norm", "zero_conv", "controlnet", "cross_norm_unet")
 

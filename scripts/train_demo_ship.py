@@ -7,8 +7,8 @@
 ``metrics.json`` beside the cards. Metrics (held-out shapes seed 1234, DPM-Solver++ 20 steps, guidance 5):
 
 * base: the fraction of generated images whose shape colour, shape kind and background colour, read back by
-  :func:`controlnext.data.analysis.describe`, match the caption (and the same reader's accuracy on ground truth);
-* modules: control fidelity with and without control (:mod:`controlnext.evaluation`).
+  :func:`controlnext.shapes.analysis.describe`, match the caption (and the same reader's accuracy on ground truth);
+* modules: control fidelity with and without control (:mod:`controlnext.shapes.metrics`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ BASE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "une
 def base_accuracy(base: Path, n: int, steps: int, guidance: float) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from controlnext.data import render_sample
-    from controlnext.data.analysis import describe
-    from controlnext.demo import DEMO_SEED
+    from controlnext.shapes import render_sample
+    from controlnext.shapes.analysis import describe
+    from controlnext.shapes.demo import DEMO_SEED
 
     pipe = StableDiffusionPipeline.from_pretrained(str(base))
     pipe.set_progress_bar_config(disable=True)
@@ -73,8 +73,8 @@ def base_accuracy(base: Path, n: int, steps: int, guidance: float) -> dict:
 
 
 def module_fidelity(assets: Path, condition: str, n: int, steps: int, guidance: float) -> dict:
-    from controlnext.demo import demo_cases, load_demo_pipeline
-    from controlnext.evaluation import evaluate_pipeline
+    from controlnext.shapes.demo import demo_cases, load_demo_pipeline
+    from controlnext.shapes.metrics import evaluate_pipeline
 
     pipe, _ = load_demo_pipeline(condition, allow_random=False, root=assets)
     prompts, conds, seeds = demo_cases(n, condition)
@@ -105,7 +105,7 @@ offline. Trained from scratch on CPU; {size_mb:.1f} MB of safetensors.
 
 | part | what |
 |---|---|
-| data | procedural shapes (`controlnext.data.shapes`): 5 shapes x 8 colours x 7 backgrounds, random size, position, rotation; {info["n_train"]} samples per UNet run |
+| data | procedural shapes (`controlnext.shapes.world`): 5 shapes x 8 colours x 7 backgrounds, random size, position, rotation; {info["n_train"]} samples per UNet run |
 | VAE | `AutoencoderKL`, 3 blocks (32, 64, 64), 4x factor: 64x64x3 <-> 16x16x4; {first["vae_steps"]} steps on 32x32 crops; held-out PSNR {first["vae_psnr_db"]} dB |
 | text encoder | CLIP text model, 2 layers, width 64, word-level vocabulary (every caption word one token), 16 tokens; trained jointly with the UNet |
 | UNet | `UNet2DConditionModel` (32, 64, 64), cross-attention at 8x8 and 4x4; v-prediction, DDPM linear betas, Min-SNR-5 weighting, 10 % empty captions |
@@ -114,7 +114,7 @@ offline. Trained from scratch on CPU; {size_mb:.1f} MB of safetensors.
 
 ## Measured (held-out captions, shapes seed 1234, 20 steps, guidance 5, {acc["n"]} images)
 
-The generated image is read back with `controlnext.data.analysis.describe` (background = border median, shape =
+The generated image is read back with `controlnext.shapes.analysis.describe` (background = border median, shape =
 foreground median, kind from the silhouette's solidity / hull vertices / circularity):
 
 | attribute | matches the caption | reader accuracy on ground-truth renders |

@@ -20,7 +20,7 @@ def tiny_sd15_dir(tmp_path_factory):
     """A tiny SD1.5-layout base model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
     from diffusers import StableDiffusionPipeline
 
-    from controlnext.tiny import tiny_pipeline_components
+    from controlnext.testing.models import tiny_pipeline_components
 
     root = tmp_path_factory.mktemp("tiny_sd15")
     pipe = StableDiffusionPipeline(**tiny_pipeline_components("sd15", root / "src"))
@@ -32,7 +32,7 @@ def tiny_sd15_dir(tmp_path_factory):
 def tiny_sdxl_dir(tmp_path_factory):
     from diffusers import StableDiffusionXLPipeline
 
-    from controlnext.tiny import tiny_pipeline_components
+    from controlnext.testing.models import tiny_pipeline_components
 
     root = tmp_path_factory.mktemp("tiny_sdxl")
     pipe = StableDiffusionXLPipeline(**tiny_pipeline_components("sdxl", root / "src"))
@@ -43,7 +43,7 @@ def tiny_sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd15(tmp_path_factory):
     """A tiny SD1.5 base model folder as the training tests use it."""
-    from controlnext.training.synthetic import write_tiny_base
+    from controlnext.testing.data import write_tiny_base
 
     path = tmp_path_factory.mktemp("train-tiny-sd15")
     write_tiny_base(path, "sd15")
@@ -52,7 +52,7 @@ def sd15(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sdxl(tmp_path_factory):
-    from controlnext.training.synthetic import write_tiny_base
+    from controlnext.testing.data import write_tiny_base
 
     path = tmp_path_factory.mktemp("train-tiny-sdxl")
     write_tiny_base(path, "sdxl")
@@ -62,7 +62,7 @@ def sdxl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     """A 32-row synthetic (image, condition, caption) dataset."""
-    from controlnext.training.synthetic import write_shapes_dataset
+    from controlnext.testing.data import write_shapes_dataset
 
     path = tmp_path_factory.mktemp("train-shapes-32")
     write_shapes_dataset(path, n=32)

@@ -11,7 +11,7 @@ import pytest
 
 from controlnext.cli import main
 from controlnext.loading import save_controlnext_file
-from controlnext.tiny import tiny_controlnext
+from controlnext.testing.models import tiny_controlnext
 
 
 def test_help_lists_commands_without_loading_torch():

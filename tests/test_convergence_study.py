@@ -27,7 +27,7 @@ def loop():
 
 @pytest.fixture(scope="module")
 def base(loop):
-    from controlnext.demo import demo_assets
+    from controlnext.shapes.demo import demo_assets
 
     if demo_assets() is None:
         pytest.skip("shipped demo base not installed")

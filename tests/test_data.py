@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from controlnext.cli import main
-from controlnext.data import COLOURS, SHAPES, VOCABULARY, canny_edges, render_sample, write_dataset
+from controlnext.shapes import COLOURS, SHAPES, VOCABULARY, canny_edges, render_sample, write_dataset
 
 
 def test_render_is_deterministic_and_seed_dependent():
@@ -96,7 +96,7 @@ def test_make_dataset_cli(tmp_path, capsys):
 
 
 def test_describe_reads_ground_truth():
-    from controlnext.data.analysis import describe
+    from controlnext.shapes.analysis import describe
 
     hits = [0, 0, 0]
     n = 150

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from controlnext.cli import main
-from controlnext.demo import demo_assets, demo_cases, load_demo_pipeline
-from controlnext.evaluation import evaluate_pipeline
+from controlnext.shapes.demo import demo_assets, demo_cases, load_demo_pipeline
+from controlnext.shapes.metrics import evaluate_pipeline
 
 # Set from measurement (docs/demo.md): on these 16 held-out cases (20 DPM-Solver++ steps, guidance 5) the shipped
 # modules score edges 0.536 with / 0.144 without control, mask 0.542 / 0.189; thresholds leave room for numerics.

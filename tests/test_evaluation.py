@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controlnext.data import canny_edges, render_sample
-from controlnext.evaluation import control_fidelity, edge_f1, foreground_mask, mask_iou
+from controlnext.shapes import canny_edges, render_sample
+from controlnext.shapes.metrics import control_fidelity, edge_f1, foreground_mask, mask_iou
 
 
 def _square(size=32, y0=8, x0=8, side=10):

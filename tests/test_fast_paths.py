@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from controlnext import ControlNeXtModel, attach
-from controlnext.tiny import tiny_controlnext, tiny_unet
+from controlnext.testing.models import tiny_controlnext, tiny_unet
 
 VARIANTS = ("sd15", "sd15-training", "sdxl", "svd", "svd-v2")
 VIDEO = ("svd", "svd-v2")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from controlnext import attach, attached
-from controlnext.tiny import tiny_controlnext, tiny_unet
+from controlnext.testing.models import tiny_controlnext, tiny_unet
 
 CASES = [  # (family, variant, module out channels)
     ("sd15", "sd15-training", 32),

@@ -19,7 +19,7 @@ from controlnext.loading import (
     save_unet_weights,
     select_parameters,
 )
-from controlnext.tiny import tiny_controlnext, tiny_unet
+from controlnext.testing.models import tiny_controlnext, tiny_unet
 
 
 class Payload:

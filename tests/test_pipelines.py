@@ -15,7 +15,7 @@ from controlnext.pipelines import (
     StableDiffusionXLControlNeXtInpaintPipeline,
     StableDiffusionXLControlNeXtPipeline,
 )
-from controlnext.tiny import tiny_controlnext, tiny_pipeline_components
+from controlnext.testing.models import tiny_controlnext, tiny_pipeline_components
 
 PIPES = {
     ("sd15", "txt2img"): StableDiffusionControlNeXtPipeline,
@@ -169,7 +169,7 @@ def test_lora_plus_control(components, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from controlnext.tiny import tiny_unet
+    from controlnext.testing.models import tiny_unet
 
     donor = tiny_unet("sd15")
     donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))

@@ -380,3 +380,61 @@ def test_cli_preprocess_errors_are_one_line(tmp_path, capsys):
         assert main(["preprocess", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- the registry is the source of truth
+def test_every_registry_option_is_a_cli_flag_and_the_cli_passes_it_through(tmp_path, monkeypatch):
+    import argparse
+
+    from controlnext.cli import build_parser
+    from controlnext.preprocess.registry import REGISTRY
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["preprocess"]
+    kinds = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, pre in REGISTRY.items():
+        if name == "none":
+            continue
+        flags = {s for a in kinds[name]._actions for s in a.option_strings}
+        assert {o.cli_flag for o in pre.options} <= flags, name
+    seen = {}
+    monkeypatch.setitem(REGISTRY, "segment", replace_fn(REGISTRY["segment"], seen))
+    Image.fromarray(square()).save(tmp_path / "in.png")
+    argv = ["preprocess", "segment", str(tmp_path / "in.png"), "-o", str(tmp_path / "o.png"), "--segments", "3"]
+    assert main(argv) == 0
+    assert seen == {"segments": 3, "smoothing": 7, "source": "photo", "seed": 0}  # checked, typed, defaults filled
+
+
+def replace_fn(pre, seen):
+    import dataclasses
+
+    def fn(image, **options):
+        seen.update(options)
+        return pp.to_pil(image)
+
+    return dataclasses.replace(pre, fn=fn)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("canny", {"low": float("nan")}, "finite"),
+        ("canny", {"low": 1e30}, "must lie in"),
+        ("segment", {"segments": 2.5}, "whole number"),
+        ("segment", {"source": "video"}, "one of photo, map"),
+        ("mask", {"threshold": "dark"}, "must be a number"),
+        ("mask", {"colour": 3}, "has no option 'colour'"),
+        ("pose", {"hands": "maybe"}, "true or false"),
+    ],
+)
+def test_registry_rejects_bad_option_values(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        pp.preprocess(name, square(), **options)
+
+
+def test_old_pose_flag_still_works_with_a_note(tmp_path, capsys):
+    Image.fromarray(square()).save(tmp_path / "in.png")
+    argv = ["preprocess", "pose", str(tmp_path / "in.png"), "-o", str(tmp_path / "o.png")]
+    assert main([*argv, "--pose-models", str(tmp_path)]) == 2  # no ONNX files there: the clear error
+    err = capsys.readouterr().err
+    assert "--pose-models is deprecated; use --dwpose-dir" in err and "yolox_l.onnx" in err

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from controlnext.testing.data import write_shapes_dataset
 from controlnext.training.data import (
     BadRowError,
     ColumnNames,
@@ -20,7 +21,6 @@ from controlnext.training.data import (
     open_source,
     scan_rows,
 )
-from controlnext.training.synthetic import write_shapes_dataset
 
 
 def _save(path, array):

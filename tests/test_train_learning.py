@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from controlnext.testing.data import write_shapes_dataset
 from controlnext.training import parse_train_args, train
 from controlnext.training.base import PromptEncoder, load_base_model
 from controlnext.training.loop import _make_controlnext
 from controlnext.training.metrics import control_effect
-from controlnext.training.synthetic import write_shapes_dataset
 
 
 def _held_out(root, base, n=8):

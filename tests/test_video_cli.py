@@ -10,8 +10,8 @@ from diffusers import StableVideoDiffusionPipeline
 
 from controlnext.cli import main
 from controlnext.loading import save_controlnext_file
-from controlnext.pipelines.svd import tiny_svd_components
-from controlnext.tiny import tiny_controlnext
+from controlnext.testing import tiny_svd_components
+from controlnext.testing.models import tiny_controlnext
 from controlnext.video_io import read_video, write_video
 
 

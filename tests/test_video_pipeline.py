@@ -16,11 +16,10 @@ from controlnext.loading import save_controlnext_file
 from controlnext.pipelines.svd import (
     StableVideoDiffusionControlNeXtPipeline,
     TensorMemoryTracker,
-    tiny_svd_components,
     window_starts,
     window_weights,
 )
-from controlnext.tiny import tiny_controlnext
+from controlnext.testing import tiny_controlnext, tiny_svd_components
 from controlnext.video_io import read_video
 
 STOCK_PARTS = ("vae", "image_encoder", "unet", "scheduler", "feature_extractor")

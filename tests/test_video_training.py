@@ -10,7 +10,9 @@ import pytest
 import torch
 from diffusers import StableVideoDiffusionPipeline
 
-from controlnext.pipelines.svd import StableVideoDiffusionControlNeXtPipeline, tiny_svd_components
+from controlnext.pipelines.svd import StableVideoDiffusionControlNeXtPipeline
+from controlnext.testing import tiny_svd_components
+from controlnext.testing.video import make_synthetic_video_dataset
 from controlnext.training.video import (
     StepBatchSampler,
     VideoPoseDataset,
@@ -22,7 +24,6 @@ from controlnext.training.video import (
     train_video,
 )
 from controlnext.training.video.__main__ import main as train_main
-from controlnext.training.video.synthetic import make_synthetic_video_dataset
 from controlnext.video_io import write_video
 
 

@@ -163,7 +163,7 @@ def test_lora_loads_with_weight(tmp_path, tiny_loaded):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from controlnext.tiny import tiny_unet
+    from controlnext.testing.models import tiny_unet
 
     unet = tiny_unet("sd15")
     cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
@@ -192,7 +192,7 @@ def test_lora_loads_with_weight(tmp_path, tiny_loaded):
 
 
 def test_sdxl_model_generates_and_reproduces(tiny_sdxl_dir, tmp_path):
-    from controlnext.tiny import tiny_controlnext
+    from controlnext.testing.models import tiny_controlnext
 
     tiny_controlnext("sdxl").save_pretrained(tmp_path / "cn")
     spec = ModelSpec(label="xl", base=str(tiny_sdxl_dir), controlnext=str(tmp_path / "cn"))
@@ -295,9 +295,9 @@ def test_demo_model_is_the_default_when_installed(tmp_path, tiny_sd15_dir, monke
     """With the shipped demo's folder layout present, the app opens on it and loads it from disk."""
     import shutil
 
-    import controlnext.demo as demo
+    import controlnext.shapes.demo as demo
     from controlnext.loading import save_controlnext_file
-    from controlnext.tiny import tiny_controlnext
+    from controlnext.testing.models import tiny_controlnext
 
     root = tmp_path / "demo"
     shutil.copytree(tiny_sd15_dir, root / "base")

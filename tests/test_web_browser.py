@@ -5,7 +5,7 @@ The browser test uploads a condition, generates, waits for the result and checks
 * the PNG the page shows carries the settings, and regenerating from them with the library directly gives the same
   picture (so the page used this condition and these settings, nothing else);
 * the control changed the picture (the same generation with control scale 0 differs), and the project's fidelity
-  measure (:func:`controlnext.evaluation.control_fidelity`, edge F1) is computed for both; for the shipped demo
+  measure (:func:`controlnext.shapes.metrics.control_fidelity`, edge F1) is computed for both; for the shipped demo
   model it must be higher with control than without.
 
 Then it checks that a wrong file type, an oversized upload, a too-large image and a bad parameter each give a
@@ -117,7 +117,7 @@ def test_browser_generate_follows_condition_and_errors_show_in_page(server):
 
     from playwright.sync_api import sync_playwright
 
-    from controlnext.evaluation import control_fidelity
+    from controlnext.shapes.metrics import control_fidelity
     from controlnext.web.generation import read_settings
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

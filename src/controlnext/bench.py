@@ -201,7 +201,7 @@ def build_unet(preset: Preset, device: torch.device, dtype: torch.dtype) -> nn.M
     """The base UNet of a preset with random weights (real architecture, or a tiny one for CI presets)."""
     from diffusers import UNet2DConditionModel
 
-    from .tiny import tiny_unet
+    from .testing import tiny_unet
 
     def make() -> nn.Module:
         if preset.tiny:
@@ -213,7 +213,7 @@ def build_unet(preset: Preset, device: torch.device, dtype: torch.dtype) -> nn.M
 
 def build_controlnext(preset: Preset, row: str, unet: nn.Module, dtype: torch.dtype) -> ControlNeXtModel:
     """The ControlNeXt module of a row: the family's 3.5M layout, or the SD1.5 release layout."""
-    from .tiny import tiny_controlnext
+    from .testing import tiny_controlnext
 
     variant = "sd15" if row == "controlnext-sd15-release" else get_family(preset.family).light_variant  # also -plain
     device = unet.device

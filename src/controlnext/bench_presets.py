@@ -33,7 +33,7 @@ class Preset:
     family: str  # a family name (controlnext.families)
     resolution: int  # pixels (the latent is 1/8)
     rows: tuple[str, ...]
-    tiny: bool = False  # tiny random models from controlnext.tiny (CI), else the real architectures
+    tiny: bool = False  # tiny random models from controlnext.testing.models (CI), else the real architectures
     repeats: int = 5
     steps: int = 1
     description: str = ""

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     import torch
 
-    from ..demo import run_demo
+    from ..shapes.demo import run_demo
 
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -74,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
-    from ..demo import demo_assets, demo_cases
-    from ..evaluation import evaluate_pipeline
     from ..loading import load_controlnext
     from ..pipelines import StableDiffusionControlNeXtPipeline
+    from ..shapes.demo import demo_assets, demo_cases
+    from ..shapes.metrics import evaluate_pipeline
 
     kind = args.condition
     if args.data is not None:
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         "module": module_path,
     }
     if args.output is not None:
-        from ..demo import save_grid
+        from ..shapes.demo import save_grid
 
         grid = save_grid(args.output / f"eval_{kind}.png", conds, without, with_)
         cases = [

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.writer import write_dataset
+    from ..shapes.writer import write_dataset
 
     if args.n < 1:
         raise UserError(f"--n must be a positive number of samples, got {args.n}")

@@ -3,18 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="input image (for pose also an OpenPose .json keypoint file)")
-    p.add_argument("-o", "--output", required=True, help="output image file (.png recommended)")
-    p.add_argument("--size", metavar="WxH", help="resize the input to WxH first (centre crop to keep the aspect ratio)")
+class _Deprecated(argparse.Action):
+    """An old flag spelling: still accepted for now, with a note naming the new one."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_option(p: argparse.ArgumentParser, opt) -> None:
+    """One command-line flag generated from a registry option (values are checked by the registry, not argparse)."""
+    if opt.type is bool:
+        p.add_argument(opt.cli_flag, dest=opt.name, action="store_false" if opt.default else "store_true",
+                       default=None, help=f"turn off: {opt.help}" if opt.default else opt.help)  # fmt: skip
+        return
+    bits = [opt.help]
+    if opt.choices:
+        bits.append(f"one of {', '.join(map(str, opt.choices))}")
+    elif opt.low is not None and opt.high is not None:
+        bits.append(f"{opt.low:g}..{opt.high:g}")
+    if opt.default is not None:
+        bits.append(f"default {opt.default}")
+    metavar = "DIR" if opt.path else ("VALUE" if opt.choices else opt.type.__name__.upper())
+    p.add_argument(opt.cli_flag, dest=opt.name, default=None, metavar=metavar, help="; ".join(bits))
+    for alias in opt.aliases:
+        p.add_argument(alias, dest=opt.name, action=_Deprecated, new=opt.cli_flag, help=argparse.SUPPRESS)
 
 
 def register(subparsers) -> None:
+    from ..preprocess.registry import REGISTRY
+
     parser = subparsers.add_parser(
         "preprocess",
         help="make a control image (canny, mask, scribble, segment, pose, depth) from a picture",
@@ -22,50 +50,15 @@ def register(subparsers) -> None:
         "estimation use model files you already have.",
     )
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
-
-    p = kinds.add_parser("canny", help="Canny edges (OpenCV), white on black")
-    _add_common(p)
-    p.add_argument("--low", type=float, default=100, help="low hysteresis threshold (default 100)")
-    p.add_argument("--high", type=float, default=200, help="high hysteresis threshold (default 200)")
-    p.add_argument("--blur", type=int, default=0, help="Gaussian blur kernel size before edges (0 = off)")
-    p.add_argument("--per-channel", action="store_true", help="edges of R, G, B separately, joined (shapes demo)")
-
-    p = kinds.add_parser("mask", help="binary mask from brightness or alpha, white on black")
-    _add_common(p)
-    p.add_argument("--threshold", type=float, default=128, help="0..255 (default 128)")
-    p.add_argument("--invert", action="store_true", help="swap white and black")
-    p.add_argument("--source", choices=("auto", "luma", "alpha"), default="auto")
-
-    p = kinds.add_parser("scribble", help="white strokes on black from a sketch or a photo")
-    _add_common(p)
-    p.add_argument("--mode", choices=("sketch", "photo"), default="sketch")
-    p.add_argument("--threshold", type=float, default=128, help="ink threshold for sketches, 0..255")
-    p.add_argument("--thickness", type=int, default=3, help="stroke width in pixels (default 3)")
-    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto", help="ink is dark on light (auto)")
-
-    p = kinds.add_parser("segment", help="flat colour segmentation map")
-    _add_common(p)
-    p.add_argument("--segments", type=int, default=8, help="number of regions (default 8)")
-    p.add_argument("--smoothing", type=int, default=7, help="speckle removal kernel (0 = off)")
-    p.add_argument("--source", choices=("photo", "map"), default="photo", help="cluster a photo or clean a map")
-    p.add_argument("--seed", type=int, default=0)
-
-    p = kinds.add_parser("pose", help="OpenPose-style skeleton from keypoints (.json) or a photo (DWPose)")
-    _add_common(p)
-    p.add_argument("--pose-models", metavar="DIR", help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx")
-    p.add_argument("--width", type=int, help="canvas width for keypoint files without one")
-    p.add_argument("--height", type=int, help="canvas height for keypoint files without one")
-    p.add_argument("--min-score", type=float, default=0.3, help="skip keypoints scoring below this")
-    p.add_argument("--no-hands", action="store_true")
-    p.add_argument("--no-face", action="store_true")
-
-    p = kinds.add_parser("depth", help="depth map (near = bright) from a local depth model or an existing map")
-    _add_common(p)
-    p.add_argument("--depth-model", metavar="DIR", help="local transformers depth-estimation model folder")
-    p.add_argument("--from-map", action="store_true", help="INPUT is already a depth map: normalise it")
-    p.add_argument("--invert", action="store_true", help="flip near/far")
-    p.add_argument("--allow-download", action="store_true", help="allow a hub id for --depth-model (online)")
-
+    for pre in REGISTRY.values():
+        if pre.name == "none":
+            continue
+        p = kinds.add_parser(pre.name, help=pre.help, description=pre.help)
+        p.add_argument("input", help=pre.input_help)
+        p.add_argument("-o", "--output", required=True, help="output image file (.png recommended)")
+        p.add_argument("--size", metavar="WxH", help="resize the input to WxH first (centre crop keeps the aspect)")
+        for opt in pre.options:
+            _add_option(p, opt)
     parser.set_defaults(func=run)
 
 
@@ -82,46 +75,26 @@ def _parse_size(text: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     from .. import preprocess as pp
 
+    pre = pp.get_preprocessor(args.kind)
     src = Path(args.input)
     if not src.is_file():
         raise FileNotFoundError(f"Input not found: {src}")
     out = Path(args.output)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"Output must be an image file ({', '.join(IMAGE_SUFFIXES)}), got {out.name!r}.")
+    options = {o.name: getattr(args, o.name) for o in pre.options if getattr(args, o.name) is not None}
 
     is_keypoints = args.kind == "pose" and src.suffix.lower() == ".json"
-    image = None if is_keypoints else pp.open_image(src)
-    if image is not None and args.size:
-        w, h = _parse_size(args.size)
-        image = pp.fit_to_size(pp.to_pil(image), w, h)
-
-    if args.kind == "canny":
-        result = pp.canny(image, args.low, args.high, blur=args.blur, per_channel=args.per_channel)
-    elif args.kind == "mask":
-        result = pp.mask(image, args.threshold, invert=args.invert, source=args.source)
-    elif args.kind == "scribble":
-        invert = {"auto": None, "yes": True, "no": False}[args.invert]
-        result = pp.scribble(image, args.mode, args.threshold, args.thickness, invert)
-    elif args.kind == "segment":
-        result = pp.segment(image, args.segments, args.smoothing, args.source, args.seed)
-    elif args.kind == "pose":
-        size = _parse_size(args.size) if (is_keypoints and args.size) else (args.width, args.height)
-        result = pp.pose(
-            src if is_keypoints else image,
-            model_dir=args.pose_models,
-            width=size[0],
-            height=size[1],
-            min_score=args.min_score,
-            hands=not args.no_hands,
-            face=not args.no_face,
-        )
-    elif args.kind == "depth":
-        if args.from_map:
-            result = pp.depth_from_map(image, invert=args.invert)
-        else:
-            result = pp.depth(image, args.depth_model, invert=args.invert, allow_download=args.allow_download)
-    else:  # argparse restricts the choices; kept for type checkers
-        raise ValueError(f"Unknown preprocessor {args.kind!r}.")
+    if is_keypoints:  # a keypoint file has no pixels: --size is the canvas
+        if args.size:
+            options["width"], options["height"] = _parse_size(args.size)
+        result = pre.run(src, options)
+    else:
+        image = pp.open_image(src)
+        if args.size:
+            w, h = _parse_size(args.size)
+            image = pp.fit_to_size(pp.to_pil(image), w, h)
+        result = pre.run(image, options)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)

@@ -16,10 +16,15 @@ from .canny import canny
 from .depth import check_depth_model, depth, depth_from_map
 from .masks import mask, scribble
 from .pose import DWPOSE_FILES, PoseKeypoints, detect_pose, draw_pose, find_dwpose_files, load_openpose_json, pose
+from .registry import REGISTRY, Option, Preprocessor, get_preprocessor
 from .segment import palette, segment
 
 __all__ = [
     "PREPROCESSORS",
+    "REGISTRY",
+    "Option",
+    "Preprocessor",
+    "get_preprocessor",
     "DWPOSE_FILES",
     "ImageInput",
     "PoseKeypoints",
@@ -44,27 +49,11 @@ __all__ = [
 ]
 
 
-def _identity(image: ImageInput) -> Image.Image:
-    return to_pil(image)
-
-
-# Name -> function(image, **options) -> RGB PIL image. "none" passes a ready-made condition through.
-PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {
-    "none": _identity,
-    "canny": canny,
-    "mask": mask,
-    "scribble": scribble,
-    "segment": segment,
-    "pose": pose,
-    "depth": depth,
-    "depth-map": depth_from_map,
-}
+# Name -> function(image, **options) -> RGB PIL image ("none" passes a ready-made condition through); the options of
+# each are declared in :data:`REGISTRY`.
+PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {name: p.fn for name, p in REGISTRY.items()}
 
 
 def preprocess(name: str, image: ImageInput, **options) -> Image.Image:
-    """Run the preprocessor ``name`` (a key of :data:`PREPROCESSORS`) on ``image`` with its keyword options."""
-    try:
-        fn = PREPROCESSORS[name]
-    except KeyError:
-        raise ValueError(f"Unknown preprocessor {name!r}; choose one of {', '.join(PREPROCESSORS)}.") from None
-    return fn(image, **options)
+    """Run the preprocessor ``name`` on ``image`` with its keyword options (checked against :data:`REGISTRY`)."""
+    return get_preprocessor(name).run(image, options)

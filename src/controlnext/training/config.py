@@ -200,7 +200,7 @@ class TrainConfig:
         if not spec:
             return {}
         if spec == "tiny":
-            from ..tiny import TINY_CONTROLNEXT, TINY_CONTROLNEXT_SD15
+            from ..testing import TINY_CONTROLNEXT, TINY_CONTROLNEXT_SD15
 
             return dict(TINY_CONTROLNEXT_SD15 if self.controlnext_variant == "sd15" else TINY_CONTROLNEXT)
         text = Path(spec).read_text() if Path(spec).is_file() else spec

@@ -3,7 +3,7 @@
 A :class:`ModelSpec` names a base model and a control module by reference:
 
 * ``"demo"``-style built-ins resolved by :func:`default_model` (the shipped shapes demo when installed, else a tiny
-  random model built with :mod:`controlnext.tiny`, so the app always opens offline);
+  random model built with :mod:`controlnext.testing.models`, so the app always opens offline);
 * a local diffusers folder (``model_index.json``), a single ``.safetensors`` checkpoint, or a hub id ``owner/name``
   (downloaded only when online) for the base;
 * a control-module file, ``save_pretrained`` folder or hub id for ``controlnext``;
@@ -62,7 +62,7 @@ class ModelSpec:
 def demo_models() -> list[ModelSpec]:
     """The shipped shapes demo's (base, module) pairs, one per condition kind; empty when not installed."""
     try:
-        from ..demo import DEMO_GUIDANCE, DEMO_STEPS, demo_assets
+        from ..shapes.demo import DEMO_GUIDANCE, DEMO_STEPS, demo_assets
     except ImportError:  # a trimmed install without the demo module
         return []
     root = demo_assets()
@@ -198,7 +198,7 @@ def _device_and_dtype():
 def _load_base(base: str, dtype):
     if base == TINY:
         from ..pipelines import StableDiffusionControlNeXtPipeline
-        from ..tiny import tiny_pipeline_components
+        from ..testing import tiny_pipeline_components
 
         return StableDiffusionControlNeXtPipeline(**tiny_pipeline_components("sd15", tempfile.mkdtemp(prefix="cnx-")))
     from ..families import detect_family
@@ -231,7 +231,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     pipe = _load_base(base, dtype)
     family = detect_family(pipe).name
     if control == TINY:
-        from ..tiny import tiny_controlnext
+        from ..testing import tiny_controlnext
 
         pipe.set_controlnext(tiny_controlnext("sd15-training", out_channels=pipe.unet.config.block_out_channels[0]))
     elif control is not None:

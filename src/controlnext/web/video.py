@@ -97,8 +97,8 @@ def load_video_pipeline(spec: VideoSpec):
     """The video pipeline for ``spec`` on the best device (tiny random model for :data:`TINY_SVD`)."""
     import torch
 
-    from ..pipelines.svd import StableVideoDiffusionControlNeXtPipeline, tiny_svd_components
-    from ..tiny import tiny_controlnext
+    from ..pipelines.svd import StableVideoDiffusionControlNeXtPipeline
+    from ..testing import tiny_controlnext, tiny_svd_components
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.base == TINY_SVD:

@@ -97,7 +97,7 @@ class VideoTrainConfig:
         if not spec:
             return {}
         if spec == "tiny":
-            from ...tiny import TINY_CONTROLNEXT
+            from ...testing import TINY_CONTROLNEXT
 
             return dict(TINY_CONTROLNEXT)
         text = Path(spec).read_text() if Path(spec).is_file() else spec

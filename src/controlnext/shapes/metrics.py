@@ -6,10 +6,10 @@ Two metrics, both in [0, 1] (higher is better), computed per image and averaged 
 :func:`foreground_mask`: the background colour is the per-channel median of the image's one-pixel border, and a
 pixel is foreground when any channel differs from it by more than ``threshold`` (0.2 of the [0, 1] range, i.e. 51 of
 255). The score is ``|F ∩ M| / |F ∪ M|`` with ``M`` the condition mask (pixels > 0.5); it is 1 when both are empty.
-This fits images with one object on a plain background (the shapes world of :mod:`controlnext.data`).
+This fits images with one object on a plain background (the shapes world of :mod:`controlnext.shapes`).
 
 **Edge F1** (edge conditions). Edges of the generated image are found with the same detector that made the
-condition (:func:`controlnext.data.shapes.canny_edges`: per-channel Canny 50/150, OR-ed). With ``P`` the generated
+condition (:func:`controlnext.shapes.world.canny_edges`: per-channel Canny 50/150, OR-ed). With ``P`` the generated
 edge pixels, ``R`` the condition's edge pixels (> 0.5) and a tolerance ``d`` (default 2 pixels, Euclidean):
 precision = fraction of ``P`` within ``d`` of some pixel of ``R``, recall = fraction of ``R`` within ``d`` of some
 pixel of ``P``, F1 = 2 precision recall / (precision + recall). Both empty gives 1, exactly one empty gives 0.
@@ -108,7 +108,7 @@ def edge_f1(pred, target, tolerance: float = 2.0) -> float:
 
 def control_fidelity(image, condition, kind: str, tolerance: float = 2.0, threshold: float = 0.2) -> float:
     """Fidelity of one generated ``image`` to its ``condition`` image: mask IoU (``kind='mask'``) or edge F1."""
-    from .data.shapes import canny_edges
+    from .world import canny_edges
 
     img = to_uint8_rgb(image)
     cond = _binary(condition)

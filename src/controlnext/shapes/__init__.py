@@ -1,6 +1,6 @@
-"""Procedural datasets the project owns end to end (see :mod:`controlnext.data.shapes`)."""
+"""Procedural datasets the project owns end to end (see :mod:`controlnext.shapes.world`)."""
 
-from .shapes import (
+from .world import (
     COLOURS,
     SHAPES,
     VOCABULARY,

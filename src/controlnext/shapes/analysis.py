@@ -13,8 +13,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..evaluation import foreground_mask, to_uint8_rgb
-from .shapes import COLOURS
+from .metrics import foreground_mask, to_uint8_rgb
+from .world import COLOURS
 
 __all__ = ["classify_shape", "describe", "nearest_colour"]
 

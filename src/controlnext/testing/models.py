@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .models.controlnext import ControlNeXtModel
+from ..models.controlnext import ControlNeXtModel
 
 TINY_CONTROLNEXT = dict(
     embedding_channels=(8, 8, 16),
@@ -171,3 +172,51 @@ def tiny_pipeline_components(family: str, workdir: str | Path, seed: int = 0) ->
     else:
         comps.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return comps
+
+
+def tiny_svd_components(seed: int = 0) -> dict[str, Any]:
+    """Components of a tiny, randomly initialised SVD pipeline (stock classes, real layouts) for tests and demos.
+
+    64x64 pixels -> 8x8 latents (VAE factor 8), the tiny spatio-temporal UNet of :func:`tiny_unet`,
+    a 2-layer CLIP vision encoder at 224 px, and the SVD release's Euler scheduler settings.
+    """
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4
+    )
+    torch.manual_seed(seed + 1)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            intermediate_size=37,
+            patch_size=32,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        interpolation_type="linear",
+        num_train_timesteps=1000,
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
+    return dict(
+        vae=vae,
+        image_encoder=encoder.eval(),
+        unet=tiny_unet("svd", seed),
+        scheduler=scheduler,
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+    )

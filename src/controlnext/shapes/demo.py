@@ -8,7 +8,7 @@ Assets live inside the package (``controlnext/assets/demo``)::
 
 :func:`run_demo` generates a fixed set of held-out (prompt, condition, seed) cases with and without control, writes
 an image grid (condition | without control | with control) and returns the fidelity numbers of
-:mod:`controlnext.evaluation`. When the assets are absent (a trimmed install), it falls back to tiny *random* models
+:mod:`controlnext.shapes.metrics`. When the assets are absent (a trimmed install), it falls back to tiny *random* models
 of the same layout, flagged as ``model: "random-untrained"`` in the result, so the command still runs end to end.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.shapes import condition_image, render_sample
-from .evaluation import CONDITION_KINDS, evaluate_pipeline
+from .metrics import CONDITION_KINDS, evaluate_pipeline
+from .world import condition_image, render_sample
 
 __all__ = ["DEMO_SEED", "DemoResult", "demo_assets", "demo_cases", "load_demo_pipeline", "run_demo", "save_grid"]
 
@@ -59,8 +59,8 @@ def _random_pipeline(condition: str):
     """Tiny random models of the demo's layout: the command runs, but the numbers mean nothing."""
     import tempfile
 
-    from .pipelines import StableDiffusionControlNeXtPipeline
-    from .tiny import tiny_controlnext, tiny_pipeline_components
+    from ..pipelines import StableDiffusionControlNeXtPipeline
+    from ..testing import tiny_controlnext, tiny_pipeline_components
 
     comps = tiny_pipeline_components("sd15", tempfile.mkdtemp(prefix="controlnext-demo-"))
     module = tiny_controlnext("sd15-training", out_channels=comps["unet"].config.block_out_channels[0])
@@ -81,8 +81,8 @@ def load_demo_pipeline(condition: str = "edges", allow_random: bool = True, root
         if not allow_random:
             raise FileNotFoundError("The demo model is not part of this installation (controlnext/assets/demo).")
         return _random_pipeline(condition), "random-untrained"
-    from .loading import load_controlnext
-    from .pipelines import StableDiffusionControlNeXtPipeline
+    from ..loading import load_controlnext
+    from ..pipelines import StableDiffusionControlNeXtPipeline
 
     module = load_controlnext(module_file)
     pipe = StableDiffusionControlNeXtPipeline.from_pretrained(str(root / "base"), controlnext=module)

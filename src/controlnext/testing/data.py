@@ -2,7 +2,7 @@
 
 Used by the tests and for smoke-testing a training setup without downloads::
 
-    python -c "from controlnext.training.synthetic import *; write_tiny_base('base'); write_shapes_dataset('data')"
+    python -c "from controlnext.testing.data import *; write_tiny_base('base'); write_shapes_dataset('data')"
     controlnext train --pretrained-model base --dataset data --resolution 64 --controlnext-config tiny ...
 """
 
@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..shapes.world import COLOURS as _WORLD_COLOURS
+
 __all__ = ["COLOURS", "SHAPES", "write_shapes_dataset", "write_tiny_base"]
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
+# Four colours of the shapes world's palette (one colour table in the project) and two easy shapes.
+COLOURS = {name: _WORLD_COLOURS[name] for name in ("red", "green", "blue", "yellow")}
 SHAPES = ("square", "circle")
 
 
@@ -31,7 +34,7 @@ def write_tiny_base(path: str | Path, family: str = "sd15", seed: int = 0) -> Pa
     from diffusers import DDPMScheduler
 
     from ..families import get_family
-    from ..tiny import tiny_pipeline_components
+    from .models import tiny_pipeline_components
 
     path = Path(path)
     comps = tiny_pipeline_components(family, path / "_src", seed=seed)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from ...pose import PoseFrame, draw_pose
-from ...video_io import write_video
+from ..pose import PoseFrame, draw_pose
+from ..video_io import write_video
 
 __all__ = ["make_synthetic_video_dataset"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .shapes import condition_image, render_sample
+from .world import condition_image, render_sample
 
 __all__ = ["write_dataset"]
 
@@ -59,6 +59,6 @@ def write_dataset(
     with open(out / "metadata.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    params = {"generator": "controlnext.data.shapes", "seed": seed, "n": n, "size": size, "condition": condition}
+    params = {"generator": "controlnext.shapes.world", "seed": seed, "n": n, "size": size, "condition": condition}
     (out / "dataset.json").write_text(json.dumps(params, indent=2) + "\n")
     return out
