@@ -701,3 +701,39 @@ def test_dropped_request_frees_the_slot(api, tiny_loaded, tmp_path):
     new = {p.name for p in set(api.outputs.rglob("*.png")) - before}
     assert not any(name.endswith("-31.png") for name in new), new  # nothing of the abandoned one was saved
     assert any(name.endswith("-0-32.png") for name in new), new
+
+
+def test_same_site_middleware_lets_only_this_servers_pages_post():
+    import asyncio
+
+    from controlnext.web.security import SameSiteMiddleware
+
+    passed = []
+
+    async def inner(scope, receive, send):
+        passed.append(scope["method"])
+
+    async def request(method, **headers):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": "/gradio_api/upload",
+                 "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}  # fmt: skip
+        passed.clear()
+        await SameSiteMiddleware(inner, sites={"abc.gradio.live"})(scope, None, send)
+        return "passed" if passed else sent[0]["status"]
+
+    def run(method, **headers):
+        return asyncio.run(request(method, **headers))
+
+    host = {"host": "127.0.0.1:7860"}
+    assert run("POST", **host) == "passed"  # gradio_client, curl: no Origin
+    assert run("POST", origin="http://127.0.0.1:7860", **host) == "passed"
+    assert run("POST", origin="https://abc.gradio.live", **host) == "passed"  # the share link
+    assert run("POST", origin="https://app.example", x_forwarded_host="app.example", **host) == "passed"
+    assert run("GET", origin="http://evil.example", **host) == "passed"  # reading is CORS's business
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:7861", "http://localhost:7860"):
+        assert run("POST", origin=origin, **host) == 403, origin
+    assert run("POST", sec_fetch_site="cross-site", **host) == 403

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import gradio as gr
 from PIL import Image
@@ -80,7 +81,7 @@ class WebConfig:
     share: bool = False
     models: list[ModelSpec] = field(default_factory=list)
     outputs: Path = Path("controlnext-outputs")
-    limits: Limits | None = None  # None: Limits.for_device() (smaller on CPU)
+    limits: Limits = field(default_factory=Limits.for_device)  # smaller on CPU
     allow_custom_models: bool | None = None  # None: only when the app is local-only (loopback, no share link)
     pose_models: Path | None = None
     depth_model: Path | None = None
@@ -94,7 +95,6 @@ class WebConfig:
         if not self.models:
             self.models = [*demo_models()] or [default_model()]
         self.outputs = Path(self.outputs).expanduser().resolve()
-        self.limits = self.limits or Limits.for_device()
         if self.upload_max_age < 1:
             raise ValueError(f"upload_max_age must be at least 1 second, got {self.upload_max_age}.")
 
@@ -702,6 +702,7 @@ def launch(config: WebConfig, block: bool = True, **kwargs: Any) -> tuple[gr.Blo
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reporting from a local tool
     config.outputs.mkdir(parents=True, exist_ok=True)
     demo = build_app(config)
+    sites: set[str] = set()  # other names of this server that its own pages may post from (the share link)
     _, local_url, share_url = demo.launch(
         server_name=config.host,
         server_port=config.port,
@@ -713,10 +714,12 @@ def launch(config: WebConfig, block: bool = True, **kwargs: Any) -> tuple[gr.Blo
         prevent_thread_lock=not block,
         css=CSS,
         footer_links=["settings"],
-        app_kwargs={"middleware": [Middleware(SameSiteMiddleware)]},
+        app_kwargs={"middleware": [Middleware(SameSiteMiddleware, sites=sites)]},
         quiet=kwargs.pop("quiet", False),
         **kwargs,
     )
+    if share_url:
+        sites.add(urlsplit(share_url).netloc.lower())
     return demo, local_url, share_url
 
 

@@ -114,20 +114,22 @@ class SameSiteMiddleware:
 
     Browsers send ``Origin`` with every cross-origin POST (``null`` from sandboxed frames and files), so a page on
     another site cannot make this app store uploads or start events on the user's behalf. Requests without
-    ``Origin`` (gradio_client, curl) are not browser requests made for another site and pass.
+    ``Origin`` (gradio_client, curl) are not browser requests made for another site and pass. ``sites`` holds
+    further ``host[:port]`` names of this server (its share link), read on every request.
     """
 
     UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, sites: set[str] | None = None) -> None:
         self.app = app
+        self.sites = sites if sites is not None else set()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] in self.UNSAFE:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             origin = headers.get("origin")
             fetch_site = headers.get("sec-fetch-site", "")
-            own = {_site(headers.get("host")), _site(headers.get("x-forwarded-host"))} - {None}
+            own = {_site(headers.get("host")), _site(headers.get("x-forwarded-host")), *self.sites} - {None}
             if fetch_site == "cross-site" or (origin is not None and _site(origin) not in own):
                 from starlette.responses import PlainTextResponse
 
