@@ -148,6 +148,15 @@ class App:
     def preset(self, label: str | None) -> ModelSpec:
         return self.presets.get(label or "", self.config.models[0])
 
+    def max_side(self, spec: ModelSpec) -> int:
+        """The largest output side for ``spec``: the device's limit, or the model's own when smaller."""
+        return min(self.config.limits.max_side, spec.max_side or self.config.limits.max_side)
+
+    def size_slider(self, spec: ModelSpec, value: int) -> dict[str, Any]:
+        """Width/height slider settings for ``spec`` (fixed when the model makes one size only)."""
+        side, low = self.max_side(spec), self.config.limits.min_side
+        return dict(value=value, maximum=max(side, low + 8), interactive=side > low)
+
     def _resolve_spec(self, preset: str, base: str, control: str, lora: str, lora_weight: float) -> ModelSpec:
         spec = self.preset(preset)
         base, control, lora = ((v or "").strip() for v in (base, control, lora))
@@ -215,15 +224,6 @@ class App:
         return pp.preprocess(preprocessor, image, **options, **extra)
 
     # ------------------------------------------------------------------ event handlers
-    def max_side(self, spec: ModelSpec) -> int:
-        """The largest output side for ``spec``: the device's limit, or the model's own when smaller."""
-        return min(self.config.limits.max_side, spec.max_side or self.config.limits.max_side)
-
-    def size_slider(self, spec: ModelSpec, value: int) -> dict[str, Any]:
-        """Width/height slider settings for ``spec`` (fixed when the model makes one size only)."""
-        side, low = self.max_side(spec), self.config.limits.min_side
-        return dict(value=value, maximum=max(side, low + 8), interactive=side > low)
-
     def on_preset(self, label: str):
         spec = self.preset(label)
         opts = dict(spec.preprocessor_options)
@@ -711,7 +711,7 @@ def launch(config: WebConfig, block: bool = True, **kwargs: Any) -> tuple[gr.Blo
         allowed_paths=[str(config.outputs)],
         show_error=not config.exposed,  # unexpected errors' text only for a local-only app
         ssr_mode=False,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,  # blocks below, once the share link's name is known
         css=CSS,
         footer_links=["settings"],
         app_kwargs={"middleware": [Middleware(SameSiteMiddleware, sites=sites)]},
@@ -720,6 +720,8 @@ def launch(config: WebConfig, block: bool = True, **kwargs: Any) -> tuple[gr.Blo
     )
     if share_url:
         sites.add(urlsplit(share_url).netloc.lower())
+    if block:
+        demo.block_thread()
     return demo, local_url, share_url
 
 
