@@ -688,8 +688,12 @@ def test_dropped_request_frees_the_slot(api, tiny_loaded, tmp_path):
         stream = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
         stream.request("GET", f"/gradio_api/queue/data?session_hash={session}")
         response = stream.getresponse()
-        while b"progress" not in response.readline():  # denoising has started
-            pass
+        deadline = time.monotonic() + 60
+        while True:  # until denoising has started
+            line = response.readline()
+            assert line and time.monotonic() < deadline, "the abandoned generation never started"
+            if b"progress" in line:
+                break
         stream.close()  # the page goes away
         t0 = time.monotonic()
         kind, outputs = _call(api.url, "generate", _generate_data(payload, steps=2, seed=32), timeout=30)
