@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -310,3 +315,429 @@ def test_demo_model_is_the_default_when_installed(tmp_path, tiny_sd15_dir, monke
     loaded = load_model(spec)
     assert loaded.family == "sd15" and loaded.has_control
     assert loaded.pipe.controlnext_modules[0].config.injection_point == "after_down_block_0"
+
+
+# ---------------------------------------------------------------------- limits by device and model, time budget
+def _on_generate(app, upload=None, **over):
+    """``App.on_generate`` with the tiny model's settings, any of them overridden by name."""
+    args = dict(
+        preset=None, base=TINY, control=TINY, lora="", lora_weight=1.0, upload=upload, preprocessor="none",
+        low=100, high=200, per_channel=False, threshold=128, invert=False, scribble_mode="sketch", thickness=3,
+        segments=8, segment_source="photo", fit="crop", prompt="a red star", negative="", steps=2, guidance=3.0,
+        control_scale=1.0, control_start=0.0, control_end=1.0, seed=1, randomize=False, batch=1, width=64,
+        height=64,
+    )  # fmt: skip
+    args.update(over)
+    return app.on_generate(*args.values())
+
+
+class SlowUnet:
+    """Wraps a pipeline's UNet forward with a sleep, so a generation lasts long enough to be stopped."""
+
+    def __init__(self, pipe, seconds: float):
+        self.unet, self.seconds = pipe.unet, seconds
+        self.calls = 0
+
+    def __enter__(self):
+        forward = self.unet.forward
+
+        def slow(*args, **kwargs):
+            self.calls += 1
+            time.sleep(self.seconds)
+            return forward(*args, **kwargs)
+
+        self.unet.forward = slow
+        return self
+
+    def __exit__(self, *exc):
+        del self.unet.forward  # back to the class's forward
+
+
+def test_limits_depend_on_the_device_and_the_cli_uses_them(tmp_path):
+    from controlnext.cli import build_parser
+    from controlnext.commands.web import build_config
+    from controlnext.web.app import WebConfig
+    from controlnext.web.limits import best_device
+
+    cpu, gpu = Limits.for_device("cpu"), Limits.for_device("cuda")
+    assert gpu == Limits()  # the class defaults are the GPU limits
+    assert cpu.max_side < gpu.max_side and cpu.max_steps < gpu.max_steps and cpu.max_batch < gpu.max_batch
+    assert Limits.for_device("cpu", max_side=512).max_side == 512
+    assert WebConfig(outputs=tmp_path).limits == Limits.for_device(best_device())
+    parser = build_parser()
+    cfg = build_config(parser.parse_args(["web", "--outputs", str(tmp_path)]))
+    assert cfg.limits == Limits.for_device(best_device())
+    cfg = build_config(parser.parse_args(["web", "--max-side", "256", "--max-seconds", "30", "--max-upload-mb", "2"]))
+    assert (cfg.limits.max_side, cfg.limits.max_seconds, cfg.limits.max_upload_mb) == (256, 30, 2)
+    assert cfg.limits.max_steps == Limits.for_device(best_device()).max_steps
+    from controlnext.cli import UserError
+
+    with pytest.raises(UserError, match="--max-seconds"):
+        build_config(parser.parse_args(["web", "--max-seconds", "0"]))
+    with pytest.raises(UserError, match="--upload-max-age"):
+        build_config(parser.parse_args(["web", "--upload-max-age", "0"]))
+
+
+def test_a_model_with_a_native_size_refuses_larger_outputs(tmp_path):
+    import gradio as gr
+
+    from controlnext.web.app import App, WebConfig
+    from controlnext.web.models import demo_models
+
+    for spec in demo_models():  # the shipped demo (when installed) makes its native 64x64 only
+        assert spec.max_side == spec.width == spec.height == 64
+    native = ModelSpec("native 64", TINY, TINY, preprocessor="none", width=64, height=64, max_side=64)
+    app = App(WebConfig(models=[native], outputs=tmp_path, limits=Limits(max_side=512)))
+    with pytest.raises(gr.Error, match=r"native 64 makes images up to 64x64 pixels \(its native size\); got 128x64"):
+        _on_generate(app, preset="native 64", upload=str(_condition_file(tmp_path)), width=128)
+    # The limit belongs to the base model: another base typed into the same preset gets the app's limit.
+    assert app._resolve_spec("native 64", "owner/other", "", "", 1.0).max_side is None
+    assert app.max_side(native) == 64 and app.size_slider(native, 64)["interactive"] is False
+    assert not list(tmp_path.glob("*-*-*"))  # no result folder: nothing was generated
+
+
+def _condition_file(folder):
+    path = folder / "condition-upload.png"
+    if not path.exists():
+        square_condition().save(path)
+    return path
+
+
+def test_time_budget_stops_a_generation_with_a_message(tmp_path, tiny_loaded):
+    import gradio as gr
+
+    from controlnext.web.app import App, WebConfig
+
+    app = App(WebConfig(models=[ModelSpec("tiny", TINY, TINY)], outputs=tmp_path / "out",
+                        limits=Limits(max_seconds=1.0)))  # fmt: skip
+    app.cache._items[app.cache.key(ModelSpec("tiny", TINY, TINY))] = tiny_loaded
+    cond = _condition_file(tmp_path)
+    t0 = time.monotonic()
+    with SlowUnet(tiny_loaded.pipe, 0.2) as slow, pytest.raises(gr.Error, match="time budget of 1 s") as err:
+        _on_generate(app, preset="tiny", upload=str(cond), steps=100)
+    elapsed = time.monotonic() - t0
+    assert re.search(r"Stopped after \d+ of 100 denoising steps", str(err.value)), err.value
+    assert slow.calls < 20 and elapsed < 10, (slow.calls, elapsed)  # 100 steps would take > 20 s
+    assert not list((tmp_path / "out").rglob("*.png"))  # nothing of a stopped generation is saved
+    # Within the budget the same request completes.
+    app.config.limits = Limits(max_seconds=60)
+    gallery, files, _, _ = _on_generate(app, preset="tiny", upload=str(cond), steps=2)
+    assert len(files) == 1 and len(gallery) == 2
+
+
+# ---------------------------------------------------------------------- the HTTP API of a running app
+# Every request goes to 127.0.0.1 with a timeout; each test makes a bounded number of them.
+FILE_META = {"_type": "gradio.FileData"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _upload(url: str, path, origin: str | None = None) -> tuple[int, bytes]:
+    """POST one file to gradio's upload route as a browser form would."""
+    data = path.read_bytes()
+    body = (
+        b'--cnxboundary\r\nContent-Disposition: form-data; name="files"; filename="' + path.name.encode() + b'"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + data + b"\r\n--cnxboundary--\r\n"
+    )
+    headers = {"Content-Type": "multipart/form-data; boundary=cnxboundary"}
+    if origin:
+        headers["Origin"] = origin
+    return _http(f"{url}gradio_api/upload", body, headers)
+
+
+def _call(url: str, api_name: str, data: list, timeout: float = 60) -> tuple[str, Any]:
+    """One event through gradio's REST API: ("complete", outputs) or ("error", message)."""
+    status, body = _http(f"{url}gradio_api/call/{api_name}", json.dumps({"data": data}).encode(),
+                         {"Content-Type": "application/json"})  # fmt: skip
+    assert status == 200, (status, body[:300])
+    event_id = json.loads(body)["event_id"]
+    _, stream = _http(f"{url}gradio_api/call/{api_name}/{event_id}", timeout=timeout)
+    kind, payload = None, None
+    for line in stream.decode().splitlines():
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: ") and kind in ("complete", "error"):
+            payload = json.loads(line[6:])
+            break
+    if kind == "error":
+        payload = (payload or {}).get("error") if isinstance(payload, dict) else payload
+    return kind, payload
+
+
+PREVIEW_OPTIONS = ["none", 100, 200, False, 128, False, "sketch", 3, 8, "photo", 64, 64, "crop"]
+
+
+def _generate_data(upload, **over) -> list:
+    args = dict(
+        preset="tiny", base=TINY, control=TINY, lora="", lora_weight=1.0, upload=upload, preprocessor="none",
+        low=100, high=200, per_channel=False, threshold=128, invert=False, scribble_mode="sketch", thickness=3,
+        segments=8, segment_source="photo", fit="crop", prompt="a red star", negative="", steps=2, guidance=3.0,
+        control_scale=1.0, control_start=0.0, control_end=1.0, seed=1, randomize=False, batch=1, width=64,
+        height=64,
+    )  # fmt: skip
+    args.update(over)
+    return list(args.values())
+
+
+def _start(root, tiny_sd15_dir, **config):
+    from controlnext.web.app import WebConfig, launch
+
+    models = [
+        ModelSpec("tiny", TINY, TINY, preprocessor="none", width=64, height=64, steps=2),
+        ModelSpec("local folder", str(tiny_sd15_dir), None, preprocessor="none", width=64, height=64),
+    ]
+    config = WebConfig(port=_free_port(), models=models, outputs=root / "outputs",
+                       limits=Limits(max_side=256, max_seconds=120), **config)  # fmt: skip
+    demo, url, share = launch(config, block=False, quiet=True)
+    assert share is None and url.startswith("http://127.0.0.1:")
+    return demo, url
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, tiny_sd15_dir, tiny_loaded):
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("api")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio-cache"))  # this server's own upload cache, to inspect
+        demo, url = _start(root, tiny_sd15_dir)
+        app = demo.controlnext_app
+        app.cache._items[app.cache.key(app.config.models[0])] = tiny_loaded  # no second load of the tiny model
+        try:
+            yield SimpleNamespace(demo=demo, url=url, app=app, root=root, cache=root / "gradio-cache",
+                                  outputs=root / "outputs")  # fmt: skip
+        finally:
+            demo.close()
+
+
+def _private_picture(folder) -> tuple:
+    """A 0700 folder holding a noise picture only the server's user can read (and a result-like PNG)."""
+    private = folder / "private"
+    private.mkdir(mode=0o700, exist_ok=True)
+    pixels = np.random.default_rng(7).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(private / "secret.png")
+    save_png(Image.fromarray(pixels), private / "result.png", GenerationSettings(prompt="private prompt"))
+    return private, pixels
+
+
+def _contains_picture(folder, pixels) -> list:
+    """Files under ``folder`` that hold the private prompt or decode to (a lossy copy of) the private pixels."""
+    found = []
+    for path in folder.rglob("*"):
+        if not path.is_file():
+            continue
+        try:
+            with Image.open(path) as img:
+                rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
+            # Two unrelated noise pictures differ by ~85 per pixel on average; a WebP copy by far less than 30.
+            same = rgb.shape == pixels.shape and np.abs(rgb - pixels).mean() < 30
+        except Exception:  # noqa: BLE001 - anything that is not a picture is not the private picture
+            same = False
+        if same or b"private prompt" in path.read_bytes():
+            found.append(path)
+    return found
+
+
+def test_api_refuses_files_the_server_did_not_receive(api, tmp_path):
+    """A client naming a server path gets one refusal, whether or not the path exists, and nothing of the file."""
+    from controlnext.web.security import REFUSED
+
+    private, pixels = _private_picture(tmp_path)
+    missing = private / "missing.png"
+    uploaded_dir = str(api.cache)
+    named = [
+        {"path": str(private / "secret.png")},
+        {"path": str(missing)},
+        {"path": f"{uploaded_dir}/../../{tmp_path.name}/private/secret.png"},  # through the cache folder
+        {"path": str(private / "secret.png"), "url": None, "orig_name": "secret.png"},
+    ]
+    numbers = [4, 2, 64, 64, 2, 2.0, 2.0, 7, 127, 0.02, 1.0, 1, 4, 2]
+    for payload in named:
+        # Image inputs: gradio passes a payload without its file marker through; the app refuses it.
+        assert _call(api.url, "on_preview", [payload, *PREVIEW_OPTIONS]) == ("error", REFUSED), payload
+        assert _call(api.url, "generate", _generate_data(payload)) == ("error", REFUSED), payload
+        video = [payload, None, *numbers, False, "drawn poses"]
+        assert _call(api.url, "generate_video", video) == ("error", REFUSED), payload
+        # File inputs: gradio itself refuses a payload without the marker, before looking at the file.
+        kind, message = _call(api.url, "on_load_settings", [payload])
+        assert kind == "error" and "'meta' field must be explicitly provided" in message, message
+    # With gradio's own file marker gradio refuses it itself, with a text that does not depend on existence.
+    for path in (private / "secret.png", missing):
+        kind, message = _call(api.url, "on_preview", [{"path": str(path), "meta": FILE_META}, *PREVIEW_OPTIONS])
+        assert kind == "error" and "not uploaded" in message and "exist" not in message.lower()
+    # Nothing of the private file was copied into the outputs folder or gradio's cache.
+    assert not _contains_picture(api.outputs, pixels) and not _contains_picture(api.cache, pixels)
+
+
+def test_api_happy_path_through_a_real_upload_and_cross_site_uploads_refused(api, tmp_path):
+    from controlnext.web.generation import read_settings
+
+    square_condition().save(tmp_path / "square.png")
+    own_origin = api.url.rstrip("/")
+    status, body = _upload(api.url, tmp_path / "square.png", origin=own_origin)  # as the app's own page does
+    assert status == 200, body
+    (path,) = json.loads(body)
+    payload = {"path": path, "meta": FILE_META, "orig_name": "square.png"}
+    kind, preview = _call(api.url, "on_preview", [payload, *PREVIEW_OPTIONS])
+    assert kind == "complete", preview
+    status, png = _http(preview[0]["url"])
+    shown = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int32)
+    assert status == 200 and np.abs(shown - np.asarray(square_condition())).mean() < 3  # gradio shows WebP
+    kind, outputs = _call(api.url, "generate", _generate_data(payload, seed=21))
+    assert kind == "complete", outputs
+    gallery, files, info, seed = outputs
+    assert seed == 21 and len(files) == 1 and "1 image(s)" in info
+    (result,) = api.outputs.glob("*/*-0-21.png")
+    assert read_settings(result)["seed"] == 21
+    # A restored condition (a file the app put in its cache itself) is accepted too.
+    kind, restored = _call(api.url, "on_load_settings", [_uploaded(api.url, result)])
+    assert kind == "complete", restored
+    kind, preview = _call(api.url, "on_preview", [restored[4], *PREVIEW_OPTIONS])
+    assert kind == "complete", preview
+
+    # A page on another site (or a sandboxed frame, Origin "null") cannot upload or start events.
+    before = set(api.demo.upload_file_set)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "cross.png")
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:1"):
+        status, body = _upload(api.url, tmp_path / "cross.png", origin=origin)
+        assert status == 403 and b"Cross-site" in body, (origin, status, body)
+        call = json.dumps({"data": [None, *PREVIEW_OPTIONS]}).encode()
+        status, _ = _http(f"{api.url}gradio_api/call/on_preview", call,
+                          {"Content-Type": "application/json", "Origin": origin})  # fmt: skip
+        assert status == 403
+    assert set(api.demo.upload_file_set) == before
+    assert not [p for p in api.cache.rglob("cross.png")]
+
+
+def _uploaded(url: str, path) -> dict:
+    status, body = _upload(url, path)
+    assert status == 200, body
+    return {"path": json.loads(body)[0], "meta": FILE_META, "orig_name": path.name}
+
+
+def test_config_shows_no_absolute_server_path(api, tiny_sd15_dir):
+    status, body = _http(f"{api.url}config")
+    assert status == 200
+    text = body.decode()
+    for secret in (str(tiny_sd15_dir), str(api.root), str(api.outputs), str(api.cache)):
+        assert secret not in text, secret
+    paths = [v for v in re.findall(r'"(/[^"]+)"', text) if not v.startswith("/gradio_api")]
+    assert not paths, paths
+    # The page names the local model by its last path parts, and the server maps the name back.
+    shown = api.app.show(str(tiny_sd15_dir))
+    assert f'"{shown}"' in text and not shown.startswith("/")
+    assert api.app._resolve_spec("local folder", shown, "", "", 1.0).base == str(tiny_sd15_dir)
+
+
+def test_upload_cache_is_deleted_and_then_refused(tmp_path, tiny_sd15_dir):
+    from controlnext.web.security import REFUSED
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-cache"))
+        demo, url = _start(tmp_path, tiny_sd15_dir, upload_max_age=1)
+        try:
+            square_condition().save(tmp_path / "square.png")
+            payload = _uploaded(url, tmp_path / "square.png")
+            deadline = time.monotonic() + 20
+            while Path(payload["path"]).exists():
+                assert time.monotonic() < deadline, "the upload was not deleted from gradio's cache"
+                time.sleep(0.5)
+            kind, message = _call(url, "on_preview", [{"path": payload["path"]}, *PREVIEW_OPTIONS])
+            assert (kind, message) == ("error", REFUSED)
+        finally:
+            demo.close()
+
+
+def test_dropped_request_frees_the_slot(api, tiny_loaded, tmp_path):
+    """The page closes while its generation runs: the generation stops and the next request gets the slot."""
+    import http.client
+    import uuid
+    from urllib.parse import urlsplit
+
+    square_condition().save(tmp_path / "square.png")
+    payload = _uploaded(api.url, tmp_path / "square.png")
+    _, config = _http(f"{api.url}config")
+    fn_index = next(d["id"] for d in json.loads(config)["dependencies"] if d.get("api_name") == "generate")
+    before = set(api.outputs.rglob("*.png"))
+    host = urlsplit(api.url)
+    session = uuid.uuid4().hex[:10]
+    with SlowUnet(tiny_loaded.pipe, 0.25) as slow:  # 150 steps: about 40 s when nothing stops it
+        body = {"data": _generate_data(payload, steps=150, seed=31), "fn_index": fn_index, "session_hash": session,
+                "event_data": None, "trigger_id": None}  # fmt: skip
+        status, joined = _http(f"{api.url}gradio_api/queue/join", json.dumps(body).encode(),
+                               {"Content-Type": "application/json"})  # fmt: skip
+        assert status == 200, joined
+        stream = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
+        stream.request("GET", f"/gradio_api/queue/data?session_hash={session}")
+        response = stream.getresponse()
+        deadline = time.monotonic() + 60
+        while True:  # until denoising has started
+            line = response.readline()
+            assert line and time.monotonic() < deadline, "the abandoned generation never started"
+            if b"progress" in line:
+                break
+        stream.close()  # the page goes away
+        t0 = time.monotonic()
+        kind, outputs = _call(api.url, "generate", _generate_data(payload, steps=2, seed=32), timeout=30)
+        waited = time.monotonic() - t0
+        calls = slow.calls
+    assert kind == "complete", outputs
+    assert waited < 15, f"the next request waited {waited:.0f} s for the abandoned one"
+    assert calls < 60, calls  # the abandoned generation stopped within a few steps (150 steps = 150+ calls)
+    new = {p.name for p in set(api.outputs.rglob("*.png")) - before}
+    assert not any(name.endswith("-31.png") for name in new), new  # nothing of the abandoned one was saved
+    assert any(name.endswith("-0-32.png") for name in new), new
+
+
+def test_same_site_middleware_lets_only_this_servers_pages_post():
+    import asyncio
+
+    from controlnext.web.security import SameSiteMiddleware
+
+    passed = []
+
+    async def inner(scope, receive, send):
+        passed.append(scope["method"])
+
+    async def request(method, **headers):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": "/gradio_api/upload",
+                 "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}  # fmt: skip
+        passed.clear()
+        await SameSiteMiddleware(inner, sites={"abc.gradio.live"})(scope, None, send)
+        return "passed" if passed else sent[0]["status"]
+
+    def run(method, **headers):
+        return asyncio.run(request(method, **headers))
+
+    host = {"host": "127.0.0.1:7860"}
+    assert run("POST", **host) == "passed"  # gradio_client, curl: no Origin
+    assert run("POST", origin="http://127.0.0.1:7860", **host) == "passed"
+    assert run("POST", origin="https://abc.gradio.live", **host) == "passed"  # the share link
+    assert run("POST", origin="https://app.example", x_forwarded_host="app.example", **host) == "passed"
+    assert run("GET", origin="http://evil.example", **host) == "passed"  # reading is CORS's business
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:7861", "http://localhost:7860"):
+        assert run("POST", origin=origin, **host) == 403, origin
+    assert run("POST", sec_fetch_site="cross-site", **host) == 403

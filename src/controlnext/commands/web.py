@@ -30,7 +30,21 @@ def register(subparsers) -> None:
     p.add_argument("--pose-models", default=None, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx (DWPose)")
     p.add_argument("--depth-model", default=None, help="local transformers depth-estimation model folder")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="upload size limit (default 20)")
-    p.add_argument("--max-side", type=int, default=None, help="largest output width/height (default 2048)")
+    p.add_argument(
+        "--max-side", type=int, default=None, help="largest output width/height (default 2048 on GPU, 768 on CPU)"
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="time budget of one request; a generation still running then stops with a message (default 600)",
+    )
+    p.add_argument(
+        "--upload-max-age",
+        type=int,
+        default=3600,
+        help="seconds before uploads are deleted from gradio's cache (default 3600)",
+    )
     p.add_argument(
         "--allow-model-paths",
         action="store_true",
@@ -81,7 +95,17 @@ def build_config(args: argparse.Namespace):
         specs += demo_models() or [default_model()]
     if not specs:
         raise UserError("--no-demo needs at least one --model")
-    limits = Limits(max_upload_mb=args.max_upload_mb, **({"max_side": args.max_side} if args.max_side else {}))
+    overrides = {"max_side": args.max_side, "max_seconds": args.max_seconds}
+    limits = Limits.for_device(
+        max_upload_mb=args.max_upload_mb, **{k: v for k, v in overrides.items() if v is not None}
+    )
+    if limits.max_side < limits.min_side or limits.max_seconds <= 0:
+        raise UserError(
+            f"--max-side must be at least {limits.min_side} and --max-seconds positive, "
+            f"got {limits.max_side} and {limits.max_seconds:g}"
+        )
+    if args.upload_max_age < 1:
+        raise UserError(f"--upload-max-age must be at least 1 second, got {args.upload_max_age}")
     if args.port is not None and not 1 <= args.port <= 65535:
         raise UserError(f"--port must be 1..65535, got {args.port}")
     video = None
@@ -111,6 +135,7 @@ def build_config(args: argparse.Namespace):
         depth_model=Path(args.depth_model) if args.depth_model else None,
         video_model=video,
         max_video_frames=args.max_video_frames,
+        upload_max_age=args.upload_max_age,
     )
 
 

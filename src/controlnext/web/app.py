@@ -1,8 +1,11 @@
 """The `controlnext web` gradio app: pick a model, upload a condition, preview it, generate, compare, download.
 
-Safety defaults (see docs/web.md): binds 127.0.0.1, no share link unless asked, uploads limited in bytes and
-pixels and decoded by content, typed model paths only for a local-only app (or when explicitly allowed), results
-in their own folder, one generation at a time (a queue holds the rest).
+Safety defaults (see docs/web.md and docs/security.md): binds 127.0.0.1, no share link unless asked, events read
+only files the server received (:mod:`.security`), cross-site posts refused, uploads limited in bytes and pixels,
+decoded by content and deleted from the cache after ``upload_max_age``, typed model paths only for a local-only
+app (or when explicitly allowed), no absolute server path in the page config, results in their own folder, one
+generation at a time (a queue holds the rest), limits by device and model, and a per-request time budget that
+also ends a generation whose client left.
 """
 
 from __future__ import annotations
@@ -12,15 +15,17 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import gradio as gr
 from PIL import Image
 
 from .. import preprocess as pp
-from .generation import GenerationSettings, generate, read_settings, resolve_seed
+from .generation import GenerationSettings, GenerationStopped, generate, read_settings, resolve_seed
 from .limits import ALLOWED_IMAGE_SUFFIXES, Limits, UploadError, load_upload, user_error
 from .models import (
     ModelCache,
@@ -31,6 +36,7 @@ from .models import (
     validate_control_ref,
     validate_lora_ref,
 )
+from .security import SameSiteMiddleware, UploadRecord, client_gone
 from .video import build_video_tab
 
 __all__ = ["WebConfig", "build_app", "launch", "is_local_host"]
@@ -75,7 +81,7 @@ class WebConfig:
     share: bool = False
     models: list[ModelSpec] = field(default_factory=list)
     outputs: Path = Path("controlnext-outputs")
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits = field(default_factory=Limits.for_device)  # smaller on CPU
     allow_custom_models: bool | None = None  # None: only when the app is local-only (loopback, no share link)
     pose_models: Path | None = None
     depth_model: Path | None = None
@@ -83,11 +89,14 @@ class WebConfig:
     cache_models: int = 1
     video_model: Any = None  # a controlnext.web.video.VideoSpec; None: tiny random SVD (offline)
     max_video_frames: int = 64
+    upload_max_age: int = 3600  # seconds an upload (and gradio's cached copy of a result) stays in gradio's cache
 
     def __post_init__(self) -> None:
         if not self.models:
             self.models = [*demo_models()] or [default_model()]
         self.outputs = Path(self.outputs).expanduser().resolve()
+        if self.upload_max_age < 1:
+            raise ValueError(f"upload_max_age must be at least 1 second, got {self.upload_max_age}.")
 
     @property
     def exposed(self) -> bool:
@@ -98,18 +107,24 @@ class WebConfig:
         return (not self.exposed) if self.allow_custom_models is None else self.allow_custom_models
 
 
-def upload_path(payload: Any) -> str | None:
-    """The server-side path of an uploaded file from a raw gradio file payload (events run with preprocess=False).
+def shown_names(refs: Iterable[str]) -> dict[str, str]:
+    """The name the page shows for each model reference, so that no absolute server path reaches the page.
 
-    The app's events skip gradio's preprocessing so that the app decodes uploads itself (:func:`load_upload`) and
-    can answer a non-image with one clear sentence. Gradio has already checked that the path is a file it received
-    (its upload cache) before the handler runs, so user input never names an arbitrary server path.
+    Built-ins and hub ids are shown as they are; a local path by its last parts (``demo/base``), as many as it
+    takes to tell the given paths apart.
     """
-    if payload is None or isinstance(payload, str):  # a str only comes from Python callers (tests, embedding)
-        return payload
-    if isinstance(payload, dict):
-        return payload.get("path")
-    return getattr(payload, "path", None)
+    refs = list(dict.fromkeys(r for r in refs if r))
+    local = [r for r in refs if os.path.isabs(r) or Path(r).exists()]
+    shown = {r: r for r in refs if r not in local}
+    for r in local:
+        parts = Path(r).parts
+        for n in range(min(2, len(parts)), len(parts) + 1):
+            name = str(Path(*parts[-n:]))
+            others = {str(Path(*Path(o).parts[-n:])) for o in local if o != r}
+            if name not in others and name not in shown.values():
+                break
+        shown[r] = name
+    return shown
 
 
 class App:
@@ -120,14 +135,32 @@ class App:
         self._last_preview_error: tuple[Any, float] = (None, 0.0)  # (session, upload, message), time
         self.cache = ModelCache(config.cache_models)
         self.presets = {spec.label: spec for spec in config.models}
+        self.uploads = UploadRecord()  # bound to the Blocks by build_app
+        # The page shows model references by name; the server maps the names back to the references.
+        self.shown = shown_names(r for s in config.models for r in (s.base, s.controlnext, s.lora) if r)
+        self.refs = {name: ref for ref, name in self.shown.items()}
+
+    def show(self, ref: str | None) -> str:
+        """The page's name for a model reference (typed references are shown as typed)."""
+        return self.shown.get(ref or "", ref or "")
 
     # ------------------------------------------------------------------ helpers
     def preset(self, label: str | None) -> ModelSpec:
         return self.presets.get(label or "", self.config.models[0])
 
+    def max_side(self, spec: ModelSpec) -> int:
+        """The largest output side for ``spec``: the device's limit, or the model's own when smaller."""
+        return min(self.config.limits.max_side, spec.max_side or self.config.limits.max_side)
+
+    def size_slider(self, spec: ModelSpec, value: int) -> dict[str, Any]:
+        """Width/height slider settings for ``spec`` (fixed when the model makes one size only)."""
+        side, low = self.max_side(spec), self.config.limits.min_side
+        return dict(value=value, maximum=max(side, low + 8), interactive=side > low)
+
     def _resolve_spec(self, preset: str, base: str, control: str, lora: str, lora_weight: float) -> ModelSpec:
         spec = self.preset(preset)
-        base, control, lora = (base or "").strip(), (control or "").strip(), (lora or "").strip()
+        base, control, lora = ((v or "").strip() for v in (base, control, lora))
+        base, control, lora = (self.refs.get(v, v) for v in (base, control, lora))
         known_bases = {s.base for s in self.config.models}
         known_controls = {s.controlnext or "" for s in self.config.models} | {""}
         known_loras = {s.lora or "" for s in self.config.models} | {""}
@@ -173,7 +206,7 @@ class App:
         self, upload: str | None, preprocessor: str, options: dict[str, Any], width: int, height: int, fit: str
     ) -> Image.Image | None:
         """Load the upload, fit it to the output size and run the preprocessor (errors: one-line ValueErrors)."""
-        upload = upload_path(upload)
+        upload = self.uploads.path(upload)
         if not upload:
             return None
         if preprocessor not in pp.PREPROCESSORS:
@@ -195,16 +228,16 @@ class App:
         spec = self.preset(label)
         opts = dict(spec.preprocessor_options)
         return (
-            gr.update(value=spec.base),
-            gr.update(value=spec.controlnext or ""),
-            gr.update(value=spec.lora or ""),
+            gr.update(value=self.show(spec.base)),
+            gr.update(value=self.show(spec.controlnext)),
+            gr.update(value=self.show(spec.lora)),
             spec.lora_weight,
             spec.preprocessor,
             opts.get("low", 100),
             opts.get("high", 200),
             bool(opts.get("per_channel", False)),
-            spec.width,
-            spec.height,
+            gr.update(**self.size_slider(spec, spec.width)),
+            gr.update(**self.size_slider(spec, spec.height)),
             spec.steps,
             spec.guidance,
             spec.prompt,
@@ -275,6 +308,8 @@ class App:
         height: float,
         progress=gr.Progress(track_tqdm=True),
     ):
+        started = time.monotonic()
+        limits = self.config.limits
         try:
             spec = self._resolve_spec(preset, base, control, lora, lora_weight)
             opts = self.options(
@@ -300,8 +335,15 @@ class App:
                 preprocessor=preprocessor,
                 preprocessor_options=opts,
             )
-            settings.validate(self.config.limits)
-            if spec.controlnext and not upload_path(upload):
+            settings.validate(limits)
+            side = self.max_side(spec)
+            if max(settings.width, settings.height) > side:
+                raise ValueError(
+                    f"{spec.label} makes images up to {side}x{side} pixels"
+                    + (" (its native size)" if side == spec.max_side else "")
+                    + f"; got {settings.width}x{settings.height}."
+                )
+            if spec.controlnext and not self.uploads.path(upload):
                 raise ValueError("Upload a condition image first (or choose no control module).")
             progress(0.0, desc="Loading model")
             loaded = self.cache.get(spec)
@@ -319,7 +361,10 @@ class App:
                     settings,
                     self.config.outputs,
                     on_step=lambda i, n: progress((i, n), desc="Denoising", unit="steps"),
+                    should_stop=lambda: self.stop_reason(started),
                 )
+        except GenerationStopped as err:
+            raise user_error(err, "Generation stopped") from None
         except (ValueError, FileNotFoundError, UploadError) as err:
             raise user_error(err, "Cannot generate") from None
         gallery = ([(str(cond_path), "condition")] if cond_path else []) + [
@@ -331,9 +376,24 @@ class App:
         )
         return gallery, [str(p) for p in paths], info, settings.seed
 
+    def stop_reason(self, started: float) -> str | None:
+        """Why a request that started at ``started`` (``time.monotonic()``) must stop now, or None."""
+        if client_gone():
+            return "the page that asked for it was closed or lost its connection."
+        budget = self.config.limits.max_seconds
+        if time.monotonic() - started > budget:
+            return (
+                f"the request ran past its time budget of {budget:g} s. Fewer steps, a smaller size or a smaller "
+                "batch finish sooner."
+            )
+        return None
+
     def on_load_settings(self, png: Any):
         """Fill the form from a result PNG's metadata; restores the condition when it is in the outputs folder."""
-        png = upload_path(png)
+        try:
+            png = self.uploads.path(png)
+        except ValueError as err:
+            raise user_error(err, "Reproduce") from None
         if not png:
             raise user_error("Upload a PNG saved by this app.", "Reproduce")
         try:
@@ -352,9 +412,9 @@ class App:
         preprocessor = "none" if condition else s.preprocessor
         opts = s.preprocessor_options
         return (
-            gr.update(value=s.base),
-            gr.update(value=s.controlnext or ""),
-            gr.update(value=s.lora or ""),
+            gr.update(value=self.show(s.base)),
+            gr.update(value=self.show(s.controlnext)),
+            gr.update(value=self.show(s.lora)),
             s.lora_weight,
             gr.update(value=condition) if condition else gr.update(),
             preprocessor,
@@ -414,10 +474,12 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
     first = config.models[0]
     first_opts = dict(first.preprocessor_options)
     custom = config.custom_models
-    model_choices = list(dict.fromkeys(s.base for s in config.models))
-    control_choices = list(dict.fromkeys([*(s.controlnext or "" for s in config.models), ""]))
+    model_choices = list(dict.fromkeys(app.show(s.base) for s in config.models))
+    control_choices = list(dict.fromkeys([*(app.show(s.controlnext) for s in config.models), ""]))
+    # Uploads and gradio's cached copies of results are deleted once they are older than upload_max_age.
+    delete_cache = (max(1, min(600, config.upload_max_age // 4)), config.upload_max_age)
 
-    with gr.Blocks(title="ControlNeXt", analytics_enabled=False) as demo:
+    with gr.Blocks(title="ControlNeXt", analytics_enabled=False, delete_cache=delete_cache) as demo:
         gr.Markdown(
             "# ControlNeXt\nUpload a condition (edges, mask, pose, depth...), preview it, write a prompt and "
             "generate. Results and their settings are saved as PNG files you can download and reproduce."
@@ -432,21 +494,21 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
                         preset_info = gr.Markdown(f"**{first.label}**. {first.notes}")
                         base = gr.Dropdown(
                             choices=model_choices,
-                            value=first.base,
+                            value=app.show(first.base),
                             allow_custom_value=custom,
                             label="Base model" + (" (folder, .safetensors file or hub id)" if custom else ""),
                             elem_id="cnx-base",
                         )
                         control = gr.Dropdown(
                             choices=control_choices,
-                            value=first.controlnext or "",
+                            value=app.show(first.controlnext),
                             allow_custom_value=custom,
                             label="ControlNeXt module" + (" (file, folder or hub id; empty = none)" if custom else ""),
                             elem_id="cnx-control",
                         )
                         with gr.Row():
                             lora = gr.Textbox(
-                                value=first.lora or "",
+                                value=app.show(first.lora),
                                 label="LoRA (file or folder)",
                                 interactive=custom,
                                 scale=3,
@@ -511,12 +573,12 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
                         batch = gr.Slider(1, limits.max_batch, value=1, step=1, label="Batch size")
                     with gr.Row():
                         width = gr.Slider(
-                            limits.min_side, limits.max_side, value=first.width, step=8, label="Width",
-                            elem_id="cnx-width",
+                            limits.min_side, step=8, label="Width", elem_id="cnx-width",
+                            **app.size_slider(first, first.width),
                         )  # fmt: skip
                         height = gr.Slider(
-                            limits.min_side, limits.max_side, value=first.height, step=8, label="Height",
-                            elem_id="cnx-height",
+                            limits.min_side, step=8, label="Height", elem_id="cnx-height",
+                            **app.size_slider(first, first.height),
                         )  # fmt: skip
                     run = gr.Button("Generate", variant="primary", elem_id="cnx-generate")
                 with gr.Column(scale=1):
@@ -537,17 +599,18 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
                         load_settings = gr.Button("Load settings")
                     gr.Markdown(
                         f"Limits: uploads up to {limits.max_upload_mb:g} MB and {limits.max_upload_pixels / 1e6:.1f} "
-                        f"MP; outputs {limits.min_side}-{limits.max_side} px; batch up to {limits.max_batch}. "
-                        "One generation runs at a time; others wait in the queue."
+                        f"MP; outputs {limits.min_side}-{limits.max_side} px (or the model's own size); batch up to "
+                        f"{limits.max_batch}; {limits.max_steps} steps; {limits.max_seconds:g} s per request. One "
+                        "generation runs at a time; others wait in the queue."
                     )
         with gr.Tab("Video"):
-            build_video_tab(config)
+            build_video_tab(config, app.uploads, app.stop_reason)
 
         option_inputs = [low, high, per_channel, threshold, invert, scribble_mode, thickness, segments, segment_source]
         preview_inputs = [upload, preprocessor, *option_inputs, width, height, fit]
         preview_kwargs = dict(
             fn=app.on_preview,
-            preprocess=False,  # uploads are decoded by the app (see upload_path)
+            preprocess=False,  # uploads are checked (UploadRecord) and decoded by the app itself
             inputs=preview_inputs,
             outputs=preview,
             concurrency_limit=2,
@@ -624,6 +687,7 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
             preprocess=False,
         )
     demo.queue(max_size=config.queue_size, default_concurrency_limit=1)
+    app.uploads.bind(demo)
     demo.controlnext_app = app  # for tests and embedding
     return demo
 
@@ -633,9 +697,12 @@ def launch(config: WebConfig, block: bool = True, **kwargs: Any) -> tuple[gr.Blo
 
     With ``block=False`` the server runs in a background thread (stop it with ``blocks.close()``).
     """
+    from starlette.middleware import Middleware
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reporting from a local tool
     config.outputs.mkdir(parents=True, exist_ok=True)
     demo = build_app(config)
+    sites: set[str] = set()  # other names of this server that its own pages may post from (the share link)
     _, local_url, share_url = demo.launch(
         server_name=config.host,
         server_port=config.port,
@@ -644,12 +711,17 @@ def launch(config: WebConfig, block: bool = True, **kwargs: Any) -> tuple[gr.Blo
         allowed_paths=[str(config.outputs)],
         show_error=not config.exposed,  # unexpected errors' text only for a local-only app
         ssr_mode=False,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,  # blocks below, once the share link's name is known
         css=CSS,
         footer_links=["settings"],
+        app_kwargs={"middleware": [Middleware(SameSiteMiddleware, sites=sites)]},
         quiet=kwargs.pop("quiet", False),
         **kwargs,
     )
+    if share_url:
+        sites.add(urlsplit(share_url).netloc.lower())
+    if block:
+        demo.block_thread()
     return demo, local_url, share_url
 
 

@@ -26,6 +26,7 @@ from .limits import Limits
 
 __all__ = [
     "GenerationSettings",
+    "GenerationStopped",
     "METADATA_KEY",
     "generate",
     "read_settings",
@@ -172,6 +173,14 @@ def read_settings(source: str | Path | Image.Image) -> dict[str, Any]:
         raise ValueError(f"The image's controlnext settings are not valid JSON: {err}") from err
 
 
+class GenerationStopped(RuntimeError):
+    """A generation that ``should_stop`` ended between two denoising steps; nothing of it was saved."""
+
+    def __init__(self, reason: str, done: int, total: int):
+        self.reason, self.done, self.total = reason, done, total
+        super().__init__(f"Stopped after {done} of {total} denoising steps: {reason}")
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -187,24 +196,24 @@ def generate(
     settings: GenerationSettings,
     outputs: Path,
     on_step: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> tuple[list[Path], Path | None, float]:
     """Run one request: ``settings.batch_size`` images, image ``i`` with seed ``settings.seed + i``.
 
     Saves the condition (once) and every result under ``outputs/<date>/`` and returns (result paths, condition
-    path, seconds). ``on_step(done, total)`` is called after every denoising step of every image.
+    path, seconds). ``on_step(done, total)`` is called after every denoising step of every image. ``should_stop()``
+    is asked before the first step and after every step; a reason (a sentence) instead of None ends the
+    generation with :class:`GenerationStopped`, and nothing is saved.
     """
     import torch
 
-    folder = outputs / time.strftime("%Y-%m-%d")
-    folder.mkdir(parents=True, exist_ok=True)
-    index = _next_index(folder)
+    def check(done: int) -> None:
+        reason = should_stop() if should_stop is not None else None
+        if reason:
+            raise GenerationStopped(reason, done, settings.steps)
+
     t0 = time.perf_counter()
-    cond_path = None
-    extra: dict[str, Any] = {}
-    if condition is not None:
-        cond_path = folder / f"{index:05d}-condition.png"
-        condition.save(cond_path, format="PNG")
-        extra = {"condition_file": cond_path.name, "condition_sha256": _sha256(cond_path)}
+    check(0)
     seeds = [(settings.seed + i) % (MAX_SEED + 1) for i in range(settings.batch_size)]
     # One generator per image: each result is reproducible alone from its recorded seed.
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
@@ -225,14 +234,25 @@ def generate(
             control_guidance_start=settings.control_start,
             control_guidance_end=settings.control_end,
         )
-    if on_step is not None:
+    if on_step is not None or should_stop is not None:
 
         def callback(_pipe, i, _t, kwargs):
-            on_step(i + 1, settings.steps)
+            if on_step is not None:
+                on_step(i + 1, settings.steps)
+            check(i + 1)
             return {}
 
         call["callback_on_step_end"] = callback
     images = pipe(**call).images
+    folder = outputs / time.strftime("%Y-%m-%d")
+    folder.mkdir(parents=True, exist_ok=True)
+    index = _next_index(folder)
+    cond_path = None
+    extra: dict[str, Any] = {}
+    if condition is not None:
+        cond_path = folder / f"{index:05d}-condition.png"
+        condition.save(cond_path, format="PNG")
+        extra = {"condition_file": cond_path.name, "condition_sha256": _sha256(cond_path)}
     paths = []
     for i, (img, seed) in enumerate(zip(images, seeds)):
         own = GenerationSettings.from_json(dict(settings.to_json(), seed=seed, batch_size=1))

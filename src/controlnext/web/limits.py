@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["Limits", "UploadError", "load_upload", "user_error", "ALLOWED_IMAGE_SUFFIXES"]
+__all__ = ["Limits", "UploadError", "best_device", "load_upload", "user_error", "ALLOWED_IMAGE_SUFFIXES"]
 
 logger = logging.getLogger("controlnext.web")
 
@@ -27,9 +27,20 @@ def user_error(err: Exception | str, title: str) -> gr.Error:
     return gr.Error(str(err), title=title, print_exception=False)
 
 
+def best_device() -> str:
+    """``"cuda"`` when a CUDA GPU is usable, else ``"cpu"`` (the device the app's pipelines run on)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for. The defaults suit a desktop GPU; the CPU demo uses smaller ones."""
+    """What one request may ask for. The defaults suit a desktop GPU; :meth:`for_device` gives smaller CPU ones.
+
+    ``max_seconds`` is the time budget of one request, from the moment it starts running to the last denoising
+    step: a generation still denoising when it is spent stops with a message (so does one whose client left).
+    """
 
     max_upload_mb: float = 20.0  # enforced by gradio's upload route before the file reaches the app
     max_upload_pixels: int = 4096 * 4096  # decoded size of an uploaded image
@@ -40,6 +51,18 @@ class Limits:
     max_guidance: float = 30.0
     max_control_scale: float = 5.0
     max_prompt_chars: int = 2000
+    max_seconds: float = 600.0
+
+    @classmethod
+    def for_device(cls, device: str | None = None, **overrides) -> Limits:
+        """The limits for ``device`` (``"cpu"``, ``"cuda"``...; None: :func:`best_device`), then ``overrides``.
+
+        On CPU one 512 px SD1.5 step takes seconds, so sizes, steps and batches are capped to what finishes within
+        the time budget; a GPU gets the class defaults.
+        """
+        device = device or best_device()
+        base = cls(max_side=768, max_steps=50, max_batch=2) if device == "cpu" else cls()
+        return replace(base, **overrides)
 
     @property
     def max_file_size(self) -> int:

@@ -53,10 +53,15 @@ class ModelSpec:
     lora: str | None = None
     lora_weight: float = 1.0
     notes: str = ""
+    max_side: int | None = None  # largest output side the base is meant for (the demo: its native size)
 
     def with_refs(self, base: str, controlnext: str | None, lora: str | None, lora_weight: float) -> ModelSpec:
         label = self.label if (base, controlnext) == (self.base, self.controlnext) else f"{base} + {controlnext}"
-        return replace(self, label=label, base=base, controlnext=controlnext, lora=lora, lora_weight=lora_weight)
+        max_side = self.max_side if base == self.base else None  # the size limit belongs to the base model
+        return replace(
+            self, label=label, base=base, controlnext=controlnext, lora=lora, lora_weight=lora_weight,
+            max_side=max_side,
+        )  # fmt: skip
 
 
 def demo_models() -> list[ModelSpec]:
@@ -84,6 +89,7 @@ def demo_models() -> list[ModelSpec]:
                     preprocessor_options=opts,
                     width=64,
                     height=64,
+                    max_side=64,  # trained at 64x64 only: larger sizes cost time and give no better picture
                     steps=DEMO_STEPS,
                     guidance=DEMO_GUIDANCE,
                     prompt="a red star on a blue background",

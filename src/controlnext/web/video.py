@@ -13,13 +13,16 @@ import importlib.util
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from .generation import GenerationStopped
 from .limits import user_error
+from .security import UploadRecord
 
 __all__ = ["TINY_SVD", "VideoSpec", "VideoSettings", "video_available", "build_video_tab", "load_video_pipeline"]
 
@@ -118,8 +121,15 @@ def load_video_pipeline(spec: VideoSpec):
 class VideoTab:
     """State and handlers of the video tab."""
 
-    def __init__(self, config: Any):
+    def __init__(
+        self,
+        config: Any,
+        uploads: UploadRecord | None = None,
+        stop_reason: Callable[[float], str | None] | None = None,
+    ):
         self.config = config
+        self.uploads = uploads or UploadRecord()
+        self.stop_reason = stop_reason or (lambda started: None)
         self.spec: VideoSpec = getattr(config, "video_model", None) or VideoSpec()
         self.max_frames: int = getattr(config, "max_video_frames", 64)
         self._pipe = None
@@ -153,12 +163,12 @@ class VideoTab:
         import torch
 
         from ..video_io import resize_and_center_crop, write_video
-        from .app import upload_path
         from .generation import resolve_seed
         from .limits import load_upload
 
-        reference_path, video = upload_path(reference), upload_path(video)
+        started = time.monotonic()
         try:
+            reference_path, video = self.uploads.path(reference), self.uploads.path(video)
             if not reference_path:
                 raise ValueError("Upload a reference image.")
             if not video:
@@ -183,6 +193,13 @@ class VideoTab:
             poses, source_fps = self.pose_frames(video, settings, reference)
             progress(0, desc="Loading model")
             pipe = self.pipe()
+
+            def check(_pipe, i, _t, _kwargs):
+                reason = self.stop_reason(started)
+                if reason:
+                    raise GenerationStopped(reason, i + 1, settings.steps)
+                return {}
+
             with self._lock:
                 frames = pipe(
                     PIL.Image.fromarray(reference),
@@ -202,7 +219,10 @@ class VideoTab:
                     controlnext_conditioning_scale=settings.control_scale,
                     generator=torch.Generator(device="cpu").manual_seed(settings.seed),
                     output_type="np",
+                    callback_on_step_end=check,
                 ).frames[0]
+        except GenerationStopped as err:
+            raise user_error(err, "Video generation stopped") from None
         except (ValueError, FileNotFoundError) as err:
             raise user_error(err, "Cannot generate the video") from None
         folder = self.config.outputs / time.strftime("%Y-%m-%d")
@@ -216,8 +236,14 @@ class VideoTab:
         return str(out), [str(out), str(folder / f"{stem}.json")], info, settings.seed
 
 
-def build_video_tab(config: Any) -> None:
-    """Fill the current ``gr.Tab`` with the video UI, or with a note saying what it needs."""
+def build_video_tab(
+    config: Any, uploads: UploadRecord | None = None, stop_reason: Callable[[float], str | None] | None = None
+) -> None:
+    """Fill the current ``gr.Tab`` with the video UI, or with a note saying what it needs.
+
+    ``uploads`` decides which files its events may read and ``stop_reason(started)`` when a clip must stop (the
+    image tab's, so both tabs share one policy).
+    """
     if not video_available():
         gr.Markdown(
             "Video generation (a reference image animated by a pose video) needs the video pipeline, which is not "
@@ -226,7 +252,7 @@ def build_video_tab(config: Any) -> None:
         )
         return
 
-    tab = VideoTab(config)
+    tab = VideoTab(config, uploads, stop_reason)
     spec = tab.spec
     gr.Markdown(
         f"Animate a reference image with a pose video. Model: **{spec.label}**. "
