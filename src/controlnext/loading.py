@@ -240,13 +240,18 @@ def unet_weights_mode(path: str | Path, meta: dict[str, str]) -> str:
 
 
 def load_unet_weights(
-    unet: torch.nn.Module, path: str | Path, mode: str = "auto", allow_pickle: bool = False
+    unet: torch.nn.Module,
+    path: str | Path,
+    mode: str = "auto",
+    allow_pickle: bool = False,
+    originals: dict[str, torch.Tensor] | None = None,
 ) -> tuple[str, list[str]]:
     """Load trained UNet parameters from ``path`` into ``unet`` in place; returns (mode used, keys loaded).
 
     ``mode``: "values" (replace), "deltas" (add to the base weights, as the published ``*increasements*`` files),
     or "auto" (metadata written by :func:`save_unet_weights`, else "deltas" for files whose name says increase or
-    delta, else "values"). Every key must exist in the UNet with the same shape.
+    delta, else "values"). Every key must exist in the UNet with the same shape. ``originals``, when given, receives
+    a CPU copy of each changed tensor's value before the change (unless it already holds one), to undo it later.
     """
     if mode not in ("auto", "values", "deltas"):
         raise ValueError(f"mode must be 'auto', 'values' or 'deltas', got {mode!r}.")
@@ -270,6 +275,8 @@ def load_unet_weights(
     with torch.no_grad():
         for k, v in state_dict.items():
             target = params[k]
+            if originals is not None and k not in originals:
+                originals[k] = target.detach().to("cpu", copy=True)
             v = v.to(device=target.device, dtype=target.dtype)
             target.add_(v) if mode == "deltas" else target.copy_(v)
     logger.info("Loaded %d UNet tensors from %s as %s.", len(state_dict), path, mode)

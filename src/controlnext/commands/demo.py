@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{i:<4} {c['prompt']:<44} {c['seed']:>4} {c['without_control']:>8.3f} {c['with_control']:>8.3f}")
     print(
         f"control fidelity ({metric}), mean over {len(res.per_case)} cases: "
-        f"without control {res.without_control:.3f}, with control {res.with_control:.3f}"
+        f"without control {res.without_control:.3f}, with control {res.with_control:.3f} "
+        f"(ceiling {res.ceiling:.3f}: the metric on VAE-reconstructed ground-truth images)"
     )
     print(f"grid: {res.grid}  ({time.perf_counter() - t0:.1f} s)")
     if args.json:

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default=None, help="base model folder (diffusers SD layout); default: the shipped one")
     p.add_argument("--module", default=None, help="ControlNeXt module (file or folder); default: the shipped one")
     p.add_argument(
+        "--unet-weights", default=None, help="trained UNet subset (values or deltas) that goes with the module"
+    )
+    p.add_argument(
         "--condition",
         choices=("edges", "mask"),
         default=None,
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be at least 1, got {args.n}")
     from ..loading import load_controlnext
     from ..pipelines import StableDiffusionControlNeXtPipeline
-    from ..shapes.demo import demo_assets, demo_cases
+    from ..shapes.demo import demo_assets, demo_cases, load_demo_pipeline
     from ..shapes.metrics import evaluate_pipeline
 
     kind = args.condition
@@ -94,9 +97,14 @@ def run(args: argparse.Namespace) -> int:
     module_path = args.module or (str(assets / kind / "controlnext.safetensors") if assets else None)
     if base is None or module_path is None:
         raise UserError("the shipped demo model is not installed: pass --base and --module")
-    module = load_controlnext(module_path)
-    pipe = StableDiffusionControlNeXtPipeline.from_pretrained(base, controlnext=module)
     import torch
+
+    if args.base is None and args.module is None and assets:
+        pipe, _ = load_demo_pipeline(kind, allow_random=False)
+    else:
+        pipe = StableDiffusionControlNeXtPipeline.from_pretrained(base, controlnext=load_controlnext(module_path))
+    if args.unet_weights:
+        pipe.load_unet_weights(args.unet_weights)
 
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
@@ -133,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         from ..shapes.demo import save_grid
 
-        grid = save_grid(args.output / f"eval_{kind}.png", conds, without, with_)
+        scores = list(zip(report.without_control, report.with_control))
+        grid = save_grid(args.output / f"eval_{kind}.png", conds, without, with_, scores=scores, metric=metric)
         cases = [
             {"prompt": p, "with_control": a, "without_control": b}
             for p, a, b in zip(prompts, report.with_control, report.without_control)

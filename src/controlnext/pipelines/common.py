@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +120,38 @@ class ControlNeXtPipelineMixin:
         return module
 
     def load_unet_weights(self, path: str | Path, mode: str = "auto", **kwargs: Any) -> str:
-        """Apply trained UNet weights (a subset as values or deltas, as the releases ship them)."""
+        """Apply trained UNet weights (a subset as values or deltas, as the releases ship them); returns the mode.
+
+        The base values of the tensors it changes are kept (on the CPU), so :meth:`unload_unet_weights` and
+        :meth:`base_unet_weights` can bring the base model back exactly.
+        """
         from ..loading import load_unet_weights
 
-        return load_unet_weights(self.backbone, path, mode=mode, **kwargs)[0]
+        originals = self.__dict__.setdefault("_unet_originals", {})
+        return load_unet_weights(self.backbone, path, mode=mode, originals=originals, **kwargs)[0]
+
+    def unload_unet_weights(self) -> None:
+        """Put back the base values of every tensor changed by :meth:`load_unet_weights`."""
+        self._swap_unet_originals()
+        self.__dict__.pop("_unet_originals", None)
+
+    @contextmanager
+    def base_unet_weights(self):
+        """Within the block the backbone has its base weights (the ones before :meth:`load_unet_weights`)."""
+        self._swap_unet_originals()
+        try:
+            yield self
+        finally:
+            self._swap_unet_originals()
+
+    def _swap_unet_originals(self) -> None:
+        params = dict(self.backbone.named_parameters())
+        params.update(dict(self.backbone.named_buffers()))
+        with torch.no_grad():
+            for name, saved in self.__dict__.get("_unet_originals", {}).items():
+                current = params[name].detach().to("cpu", copy=True)
+                params[name].copy_(saved.to(params[name].device, params[name].dtype))
+                self._unet_originals[name] = current
 
     # ------------------------------------------------------------------ call
     def _control_size(self, args: tuple, kwargs: dict, first_condition: torch.Tensor) -> None:

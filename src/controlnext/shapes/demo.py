@@ -3,7 +3,8 @@
 Assets live inside the package (``controlnext/assets/demo``)::
 
     base/     a diffusers Stable Diffusion folder (vae, text_encoder, tokenizer, unet, scheduler), 64x64 pixels
-    edges/    controlnext.safetensors (one file, published key layout) + README.md (model card)
+    edges/    controlnext.safetensors (one file, published key layout), the trained UNet subset as deltas
+              (unet_weight_increasements.safetensors, the SDXL release's name) + README.md (model card)
     mask/     the same for silhouette masks
 
 :func:`run_demo` generates a fixed set of held-out (prompt, condition, seed) cases with and without control, writes
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .metrics import CONDITION_KINDS, evaluate_pipeline
+from .metrics import CONDITION_KINDS, evaluate_pipeline, reconstruction_ceiling
 from .world import condition_image, render_sample
 
 __all__ = ["DEMO_SEED", "DemoResult", "demo_assets", "demo_cases", "load_demo_pipeline", "run_demo", "save_grid"]
@@ -46,13 +47,14 @@ def demo_cases(n: int, condition: str, seeds_per_prompt: int = 2, start: int = 0
 
     Cases come in groups of ``seeds_per_prompt`` that share a prompt and condition but use different seeds.
     """
-    prompts, conds, seeds = [], [], []
-    for i in range(n):
-        s = render_sample(DEMO_SEED, start + i // seeds_per_prompt)
-        prompts.append(s.caption)
-        conds.append(condition_image(s, condition))
-        seeds.append(i % seeds_per_prompt)
-    return prompts, conds, seeds
+    samples = _demo_samples(n, seeds_per_prompt, start)
+    return [s.caption for s in samples], [condition_image(s, condition) for s in samples], [
+        i % seeds_per_prompt for i in range(n)
+    ]
+
+
+def _demo_samples(n: int, seeds_per_prompt: int = 2, start: int = 0) -> list:
+    return [render_sample(DEMO_SEED, start + i // seeds_per_prompt) for i in range(n)]
 
 
 def _random_pipeline(condition: str):
@@ -83,25 +85,58 @@ def load_demo_pipeline(condition: str = "edges", allow_random: bool = True, root
         return _random_pipeline(condition), "random-untrained"
     from ..loading import load_controlnext
     from ..pipelines import StableDiffusionControlNeXtPipeline
+    from ..training.export import UNET_DELTAS_FILE, UNET_VALUES_FILE
 
     module = load_controlnext(module_file)
     pipe = StableDiffusionControlNeXtPipeline.from_pretrained(str(root / "base"), controlnext=module)
+    # The trained UNet subset ships next to the module, as the releases ship theirs (values or deltas).
+    for name in (UNET_DELTAS_FILE, UNET_VALUES_FILE):
+        if (root / condition / name).is_file():
+            pipe.load_unet_weights(root / condition / name)
     return pipe, "shipped"
 
 
-def save_grid(path: Path, conditions: list, without: list, with_: list, zoom: int = 3) -> Path:
-    """One row per case: condition | without control | with control (nearest-neighbour zoom, 2 px gutters)."""
-    rows = []
-    for c, a, b in zip(conditions, without, with_):
-        cells = [np.asarray(x, np.uint8) for x in (c, a, b)]
-        gutter = np.full((cells[0].shape[0], 2, 3), 128, np.uint8)
-        rows.append(np.concatenate([cells[0], gutter, cells[1], gutter, cells[2]], axis=1))
-        rows.append(np.full((2, rows[-1].shape[1], 3), 128, np.uint8))
-    grid = np.concatenate(rows[:-1], axis=0)
-    img = Image.fromarray(grid)
-    img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
+GRID_COLUMNS = ("condition", "without control", "with control")
+
+
+def save_grid(
+    path: Path,
+    conditions: list,
+    without: list,
+    with_: list,
+    zoom: int = 4,
+    scores: list[tuple[float, float]] | None = None,
+    metric: str = "",
+) -> Path:
+    """One row per case: condition | without control | with control, with column headers and each row's scores.
+
+    Cells are upscaled ``zoom`` times with nearest-neighbour sampling (the pixels the model made, not a blur);
+    ``scores`` holds each row's (without, with) fidelity, written beside the row under ``metric``'s name.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    cell = np.asarray(conditions[0], np.uint8).shape[1] * zoom
+    gap, header, side = 4, 28, 150 if scores is not None else 0
+    font = ImageFont.load_default(size=16)
+    width = 3 * cell + 2 * gap + (gap + side if side else 0)
+    grid = Image.new("RGB", (width, header + len(conditions) * (cell + gap) - gap), (128, 128, 128))
+    draw = ImageDraw.Draw(grid)
+    for i, title in enumerate(GRID_COLUMNS):
+        draw.text((i * (cell + gap) + cell // 2, header // 2), title, fill="white", font=font, anchor="mm")
+    if side:
+        draw.text((3 * (cell + gap) + side // 2, header // 2), metric or "score", fill="white", font=font, anchor="mm")
+    for r, row in enumerate(zip(conditions, without, with_)):
+        y = header + r * (cell + gap)
+        for i, img in enumerate(row):
+            big = Image.fromarray(np.asarray(img, np.uint8)).resize((cell, cell), Image.NEAREST)
+            grid.paste(big, (i * (cell + gap), y))
+        if side:
+            a, b = scores[r]
+            x = 3 * (cell + gap) + 10
+            draw.text((x, y + cell // 2 - 12), f"without {a:.2f}", fill="white", font=font, anchor="lm")
+            draw.text((x, y + cell // 2 + 12), f"with    {b:.2f}", fill="white", font=font, anchor="lm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    grid.save(path)
     return path
 
 
@@ -111,6 +146,7 @@ class DemoResult:
     model: str
     with_control: float
     without_control: float
+    ceiling: float  # the metric on VAE round trips of the ground-truth images: the best a latent model can do
     per_case: list[dict]
     grid: Path | None
     seconds: float
@@ -120,6 +156,7 @@ class DemoResult:
             "fidelity": {
                 "with_control": round(self.with_control, 4),
                 "without_control": round(self.without_control, 4),
+                "ceiling": round(self.ceiling, 4),
             },
             "seconds": round(self.seconds, 2),
             "condition": self.condition,
@@ -152,6 +189,7 @@ def run_demo(
     report, with_, without = evaluate_pipeline(
         pipe, prompts, conds, condition, seeds, num_inference_steps=steps, guidance_scale=guidance, progress=progress
     )
+    ceiling = reconstruction_ceiling(pipe.vae, [s.image for s in _demo_samples(n)], conds, condition)
     per_case = [
         {"prompt": p, "seed": s, "with_control": round(a, 4), "without_control": round(b, 4)}
         for p, s, a, b in zip(prompts, seeds, report.with_control, report.without_control)
@@ -159,8 +197,10 @@ def run_demo(
     grid = None
     if output is not None:
         out = Path(output)
-        grid = save_grid(out / f"grid_{condition}.png", conds, without, with_)
-    result = DemoResult(condition, model, report.mean_with, report.mean_without, per_case, grid, 0.0)
+        scores = list(zip(report.without_control, report.with_control))
+        metric = "mask IoU" if condition == "mask" else "edge F1"
+        grid = save_grid(out / f"grid_{condition}.png", conds, without, with_, scores=scores, metric=metric)
+    result = DemoResult(condition, model, report.mean_with, report.mean_without, ceiling, per_case, grid, 0.0)
     result.seconds = time.perf_counter() - t0
     if output is not None:
         payload = dict(result.as_json(), cases=per_case)

@@ -20,6 +20,7 @@ shape in the wrong place, size or orientation still scores low.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import cv2
@@ -31,6 +32,7 @@ __all__ = [
     "FidelityReport",
     "control_fidelity",
     "evaluate_pipeline",
+    "reconstruction_ceiling",
     "mean_fidelity",
     "edge_f1",
     "foreground_mask",
@@ -146,6 +148,17 @@ class FidelityReport:
         }
 
 
+@torch.no_grad()
+def reconstruction_ceiling(vae, images: Sequence, conditions: Sequence, kind: str, tolerance: float = 2.0) -> float:
+    """The metric's ceiling for a latent model: the mean fidelity of the ground-truth ``images`` after a VAE round
+    trip (encode, take the posterior mean, decode). A generator can at best match what its VAE can represent."""
+    pixels = torch.stack([torch.from_numpy(to_uint8_rgb(im)).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    out = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return float(np.mean(mean_fidelity(list(out), conditions, kind, tolerance)))
+
+
 def mean_fidelity(images: Sequence, conditions: Sequence, kind: str, tolerance: float = 2.0) -> list[float]:
     """Per-image fidelity of ``images[i]`` to ``conditions[i]``."""
     if len(images) != len(conditions):
@@ -169,8 +182,9 @@ def evaluate_pipeline(
     """Generate each (prompt, condition) with and without control and score both; returns (report, with, without).
 
     ``pipe`` is a ControlNeXt pipeline (:class:`controlnext.pipelines.StableDiffusionControlNeXtPipeline`) with its
-    module loaded; "without control" is the same call with ``controlnext_conditioning_scale=0`` (the base model
-    alone, same seeds). Image ``i`` uses ``torch.Generator().manual_seed(seeds[i])`` (default: ``i``).
+    module (and any trained UNet weights) loaded; "without control" is the base model alone, same seeds: the same
+    call with ``controlnext_conditioning_scale=0`` and the UNet's base weights (:meth:`base_unet_weights`).
+    Image ``i`` uses ``torch.Generator().manual_seed(seeds[i])`` (default: ``i``).
     """
     if kind not in CONDITION_KINDS:
         raise ValueError(f"kind must be one of {CONDITION_KINDS}, got {kind!r}.")
@@ -182,20 +196,21 @@ def evaluate_pipeline(
     pipe.set_progress_bar_config(disable=not progress)
     outs: dict[float, list] = {scale: [], 0.0: []}
     for s in (scale, 0.0):
-        for i in range(0, len(prompts), batch_size):
-            sl = slice(i, i + batch_size)
-            gens = [torch.Generator().manual_seed(int(x)) for x in seeds[sl]]
-            conds = [to_uint8_rgb(c).astype(np.float32) / 255.0 for c in conditions[sl]]
-            res = pipe(
-                prompt=list(prompts[sl]),
-                control_image=[torch.from_numpy(c).permute(2, 0, 1) for c in conds],
-                controlnext_conditioning_scale=s,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=gens,
-                output_type="np",
-            )
-            outs[s] += [to_uint8_rgb(im) for im in res.images]
+        with pipe.base_unet_weights() if s == 0 else nullcontext():
+            for i in range(0, len(prompts), batch_size):
+                sl = slice(i, i + batch_size)
+                gens = [torch.Generator().manual_seed(int(x)) for x in seeds[sl]]
+                conds = [to_uint8_rgb(c).astype(np.float32) / 255.0 for c in conditions[sl]]
+                res = pipe(
+                    prompt=list(prompts[sl]),
+                    control_image=[torch.from_numpy(c).permute(2, 0, 1) for c in conds],
+                    controlnext_conditioning_scale=s,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=gens,
+                    output_type="np",
+                )
+                outs[s] += [to_uint8_rgb(im) for im in res.images]
     report = FidelityReport(
         kind,
         mean_fidelity(outs[scale], conditions, kind, tolerance),
