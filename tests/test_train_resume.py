@@ -82,7 +82,8 @@ def test_resume_from_an_explicit_checkpoint_path_and_total_limit(sd15, shapes, s
 
 def test_resume_latest_without_checkpoint_starts_fresh_and_damage_is_detected(sd15, shapes, tmp_path, capsys):
     out = tmp_path / "fresh"
-    args = _args(sd15, shapes, out, "--max-train-steps", "2", "--checkpointing-steps", "1")
+    # One checkpoint only (step 2): with an older intact one, resuming would fall back to it (tested below).
+    args = _args(sd15, shapes, out, "--max-train-steps", "2", "--checkpointing-steps", "2")
     result = train(parse_train_args([*args, "--resume-from-checkpoint", "latest"]))
     assert result.global_step == 2 and "no checkpoint in" in capsys.readouterr().out
     damaged = out / "checkpoints" / "checkpoint-2" / "trainable.safetensors"
