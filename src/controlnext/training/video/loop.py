@@ -169,8 +169,13 @@ class _Batcher:
 
 def train_video(cfg: VideoTrainConfig) -> VideoTrainResult:
     """Run one video training as configured (call on every process of a distributed launch)."""
-    with contextlib.ExitStack() as held:  # the output folder's lock, released however the run ends
-        return _train_video(cfg, held)
+    from ..loop import _release_accelerate_state
+
+    try:
+        with contextlib.ExitStack() as held:  # the output folder's lock, released however the run ends
+            return _train_video(cfg, held)
+    finally:
+        _release_accelerate_state()  # a later run in this process may use other accelerate settings
 
 
 def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrainResult:
