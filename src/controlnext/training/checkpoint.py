@@ -100,8 +100,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def _default_mode() -> int:
     """The mode a newly created file gets here (0o644 under the usual umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:  # Linux reports the umask without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

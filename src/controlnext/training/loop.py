@@ -227,6 +227,14 @@ def _hparams(cfg: TrainConfig) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in cfg.to_dict().items()}
 
 
+def _read_checkpoint_file(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """Tensors of one checkpoint file; a damaged file (not caught by an older, size-only manifest) is one error."""
+    try:
+        return load_file(str(folder / name))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"Checkpoint {folder}: {name} is damaged ({err}).") from None
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one training as configured; returns the trained objects and what was written.
@@ -440,10 +448,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         in_dir = Path(in_dir)
         if models:
             models.pop()
-            try:
-                sd = load_file(str(in_dir / TRAINABLE_FILE))
-            except (SafetensorError, OSError) as err:
-                raise ValueError(f"Checkpoint {in_dir}: {TRAINABLE_FILE} is damaged ({err}).") from None
+            sd = _read_checkpoint_file(in_dir, TRAINABLE_FILE)
             missing = sorted(set(trainable_keys) - set(sd))
             unexpected = sorted(set(sd) - set(trainable_keys))
             if missing or unexpected:
@@ -462,7 +467,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         if ema is not None:
             if not (in_dir / EMA_FILE).is_file():
                 raise ValueError(f"Checkpoint {in_dir} has no EMA weights but --use-ema was given.")
-            shadow = load_file(str(in_dir / EMA_FILE))
+            shadow = _read_checkpoint_file(in_dir, EMA_FILE)
             for i, p in enumerate(ema.shadow_params):
                 p.data.copy_(shadow[f"{i}"].to(p.device))
             ema.optimization_step = int(state["ema"]["optimization_step"])

@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from ...inject import attached, injection_channels
 from ...models.controlnext import ControlNeXtModel
 from ..checkpoint import (
+    MANIFEST,
     lock_output_dir,
     remove_partial,
     resolve_resume,
     save_checkpoint,
-    verify_checkpoint,
     write_text_atomic,
 )
 from ..export import staged_outputs
@@ -253,7 +253,7 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
     global_step, losses = 0, []
     resume = resolve_resume(cfg.resume_from_checkpoint, out_dir / "checkpoints")  # verified
     if resume is not None:
-        manifest = verify_checkpoint(resume)  # (the manifest itself)
+        manifest = json.loads((resume / MANIFEST).read_text())
         key = manifest.get("resume_key", {})
         if key and key != cfg.resume_key(procs):
             raise ValueError(
