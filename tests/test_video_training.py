@@ -238,3 +238,23 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(base_dir, dat
     root = out / "checkpoints"
     assert ckpt.latest_checkpoint(root) == root / "checkpoint-2" and not (root / "checkpoint-3").exists()
     assert not (out / "controlnext.safetensors").exists()
+
+
+def test_a_folder_in_use_by_another_run_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom controlnext.training.checkpoint import lock_output_dir\n"
+         f"with lock_output_dir({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = VideoTrainConfig(pretrained_model=str(tmp_path / "base"), dataset="d", output_dir=str(out))
+        with pytest.raises(ValueError, match="is in use by another training run"):
+            train_video(cfg)
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)

@@ -178,20 +178,17 @@ def _has_accelerator() -> bool:
     )
 
 
-def _scan_on_main(accelerator, source, cfg: TrainConfig):
-    """Check the rows once, on the main process, and share the result (or its error) with the others."""
+def _on_main(accelerator, work):
+    """Run ``work()`` once, on the main process, and share its result (or its error) with the others."""
     from accelerate.utils import broadcast_object_list
 
-    def scan():
-        return scan_rows(source, cfg.on_bad_row, check=cfg.check_data or cfg.bucketing, limit=cfg.max_train_samples)
-
     if accelerator.num_processes == 1:
-        return scan()
+        return work()
     payload: list = [None]
     if accelerator.is_main_process:
         try:
-            payload = [("ok", scan())]
-        except ValueError as err:  # (BadRowError too) every process must stop, not wait for the main one
+            payload = [("ok", work())]
+        except (ValueError, FileNotFoundError) as err:  # every process must stop, not wait for the main one
             payload = [("error", str(err))]
     broadcast_object_list(payload)
     kind, value = payload[0]
@@ -346,7 +343,10 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         cfg.dataset_config,
         cfg.cache_dir,
     )
-    scan = _scan_on_main(accelerator, source, cfg)
+    scan = _on_main(  # the rows are checked once
+        accelerator,
+        lambda: scan_rows(source, cfg.on_bad_row, check=cfg.check_data or cfg.bucketing, limit=cfg.max_train_samples),
+    )
     say(f"data: {source.description}: {len(scan.good)} usable rows" + (f", {len(scan.bad)} bad" if scan.bad else ""))
     if scan.bad and main:
         print(scan.summary())
@@ -485,7 +485,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     if main:
         remove_partial(ckpt_root)
     accelerator.wait_for_everyone()
-    resume = resolve_resume(cfg.resume_from_checkpoint, ckpt_root)  # verified (sizes and SHA-256)
+    # Verified (sizes and SHA-256) once, on the main process, which also warns about a damaged newest checkpoint.
+    resume = _on_main(accelerator, lambda: resolve_resume(cfg.resume_from_checkpoint, ckpt_root))
     if resume is not None:
         try:
             accelerator.load_state(str(resume))

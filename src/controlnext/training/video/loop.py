@@ -251,7 +251,10 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
 
     # ---- resume
     global_step, losses = 0, []
-    resume = resolve_resume(cfg.resume_from_checkpoint, out_dir / "checkpoints")  # verified
+    from ..loop import _on_main
+
+    # Verified (sizes and SHA-256) once, on the main process.
+    resume = _on_main(accelerator, lambda: resolve_resume(cfg.resume_from_checkpoint, out_dir / "checkpoints"))
     if resume is not None:
         manifest = json.loads((resume / MANIFEST).read_text())
         key = manifest.get("resume_key", {})
