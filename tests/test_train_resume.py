@@ -353,3 +353,20 @@ def test_export_is_all_or_nothing_and_byte_reproducible(tmp_path, monkeypatch):
         export.export_outputs(tmp_path / "r0", module.config, changed, None)
     assert {name: (tmp_path / "r0" / name).read_bytes() for name in names} == before
     assert sorted(p.name for p in (tmp_path / "r0").iterdir()) == ["controlnext", *sorted(names[:2])]
+
+
+def test_a_changed_manifest_is_detected_and_old_size_only_manifests_still_verify(straight, tmp_path):
+    import json
+
+    _, ref_out = straight
+    folder = tmp_path / "checkpoint-8"
+    shutil.copytree(ref_out / "checkpoints" / "checkpoint-8", folder)
+    manifest = json.loads((folder / "checkpoint.json").read_text())
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+    (folder / "checkpoint.json").write_text(json.dumps({**manifest, "step": 7}))  # still valid JSON
+    with pytest.raises(ValueError, match="checkpoint.json is damaged: its content changed"):
+        ckpt.verify_checkpoint(folder)
+    # A manifest of the earlier format (sizes only, no hashes) is checked by size.
+    old = {"step": 8, "files": {rel: entry["size"] for rel, entry in manifest["files"].items()}}
+    (folder / "checkpoint.json").write_text(json.dumps(old))
+    assert ckpt.verify_checkpoint(folder)["step"] == 8

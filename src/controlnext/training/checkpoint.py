@@ -10,8 +10,9 @@ A checkpoint is written into ``.tmp-checkpoint-N`` by every process, flushed to 
 folder), then renamed to ``checkpoint-N`` in one ``os.replace``, after which ``latest`` is rewritten the same way
 (temporary file, fsync, rename). A crash at any moment therefore leaves ``latest`` naming a complete checkpoint;
 left-over temporary folders are removed by the next run. ``checkpoint.json`` (written last, before the rename)
-lists every file with its size and SHA-256, so a checkpoint damaged afterwards (truncated, or bytes changed in
-place) is detected when resuming; ``latest`` then falls back to the newest intact checkpoint, with a warning.
+lists every file with its size and SHA-256 (and its own SHA-256), so a checkpoint damaged afterwards (truncated,
+or bytes changed in place) is detected when resuming; ``latest`` then falls back to the newest intact checkpoint,
+with a warning.
 
 Also here: the lock that keeps two runs out of one output folder (:func:`lock_output_dir`), and
 :func:`finish_safetensors`, which makes a written ``.safetensors`` file reproducible (metadata in sorted order)
@@ -151,7 +152,17 @@ def _write_manifest(folder: Path, step: int, extra: dict | None) -> None:
         if p.is_file() and p.name != MANIFEST
     }
     manifest = {"step": step, "files": files, **(extra or {})}
+    manifest[_SELF_HASH] = _manifest_hash(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+_SELF_HASH = "manifest_sha256"
+
+
+def _manifest_hash(manifest: dict) -> str:
+    """SHA-256 of the manifest without its own hash (its step and losses are read from it on resume)."""
+    body = {k: v for k, v in manifest.items() if k != _SELF_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def verify_checkpoint(folder: Path) -> dict:
@@ -164,12 +175,14 @@ def verify_checkpoint(folder: Path) -> dict:
             f"{folder} is not a complete checkpoint (no {MANIFEST}; was it written by an interrupted run?)."
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{manifest_path} is damaged: {err}") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise ValueError(f"{manifest_path} is damaged: it lists no files.")
+    if _SELF_HASH in manifest and manifest[_SELF_HASH] != _manifest_hash(manifest):
+        raise ValueError(f"{manifest_path} is damaged: its content changed (SHA-256 mismatch).")
     for rel, entry in files.items():
         size, digest = (entry.get("size"), entry.get("sha256")) if isinstance(entry, dict) else (entry, None)
         p = folder / rel
