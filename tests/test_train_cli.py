@@ -59,6 +59,7 @@ def sd15_run(sd15, shapes, tmp_path_factory):
         (["--noise-offset", "inf"], "--noise-offset must be a finite number, got inf"),
         (["--snr-gamma", "nan"], "--snr-gamma must be a finite number, got nan"),
         (["--mixed-precision", "fp16", "--cpu"], "--mixed-precision fp16 needs a GPU.*use --mixed-precision bf16"),
+        (["--resolution", "100000"], "--resolution must be at most 4096, got 100000"),
     ],
 )
 def test_bad_flags_give_one_line_errors(sd15, shapes, tmp_path, capsys, extra, message):
