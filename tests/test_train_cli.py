@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from controlnext import ControlNeXtModel
 from controlnext.cli import main as cli_main
 from controlnext.training import parse_train_args, train
 
@@ -48,6 +49,17 @@ def sd15_run(sd15, shapes, tmp_path_factory):
         (["--pretrained-model", "someone/no-such-model"], "Could not load the base model 'someone/no-such-model'"),
         (["--train-unet", "none", "to_out"], "--train-unet none cannot be combined"),
         (["--use-ema", "--ema-decay", "1.5"], r"--ema-decay must be in \(0, 1\)"),
+        (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
+        (["--unet-learning-rate", "inf"], "--unet-learning-rate must be a finite number, got inf"),
+        (["--learning-rate", "50"], r"--learning-rate must be in \(0, 1\], got 50"),
+        (["--adam-epsilon", "nan"], "--adam-epsilon must be a finite number, got nan"),
+        (["--adam-beta2", "1"], r"--adam-beta2 must be in \[0, 1\), got 1"),
+        (["--max-grad-norm", "inf"], "--max-grad-norm must be a finite number, got inf"),
+        (["--noise-offset", "inf"], "--noise-offset must be a finite number, got inf"),
+        (["--snr-gamma", "nan"], "--snr-gamma must be a finite number, got nan"),
+        (["--mixed-precision", "fp16", "--cpu"], "--mixed-precision fp16 needs a GPU.*use --mixed-precision bf16"),
+        (["--resolution", "100000"], "--resolution must be at most 4096, got 100000"),
     ],
 )
 def test_bad_flags_give_one_line_errors(sd15, shapes, tmp_path, capsys, extra, message):
@@ -273,3 +285,117 @@ def test_bf16_mixed_precision_keeps_trained_weights_in_float32(sd15, shapes, sd1
     assert all(p.dtype == torch.float32 for p in result.controlnext.parameters())
     assert result.losses == pytest.approx(ref.losses, rel=2e-2)  # same run up to bf16 rounding
     assert all(v.dtype == torch.float32 for v in load_file(out / "controlnext.safetensors").values())
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+def test_resolution_beyond_the_maximum_is_refused_before_anything_is_loaded():
+    from controlnext.training import TrainConfig
+
+    with pytest.raises(ValueError, match="--resolution must be at most 4096, got 100000"):
+        TrainConfig(pretrained_model="base", dataset="data", resolution=100000).validate()
+    TrainConfig(pretrained_model="base", dataset="data", resolution=4096).validate()
+
+
+def test_resolution_must_suit_the_base_models_vae(sd15, shapes, tmp_path, capsys):
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    base = tmp_path / "vae16"  # the tiny base with a VAE that downsamples 16x (5 blocks)
+    shutil.copytree(sd15, base, ignore=shutil.ignore_patterns("vae"))
+    blocks = 5
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(8,) * blocks,
+        latent_channels=4,
+        norm_num_groups=4,
+    ).save_pretrained(base / "vae")
+    code = cli_main(["train", *_args(base, shapes, tmp_path / "out", "--max-train-steps", "1", "--resolution", "72")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resolution must be a multiple of 16 (this base's VAE downsampling), got 72" in err, err
+
+
+def test_module_for_another_family_is_refused_before_training(sd15, shapes, tmp_path, capsys):
+    from controlnext.testing import TINY_CONTROLNEXT
+
+    from controlnext.inject import injection_channels
+    from controlnext.loading import save_controlnext_file
+    from controlnext.models.variants import variant_config
+    from controlnext.training.base import load_base_model
+
+    unet = load_base_model(str(sd15)).unet
+    channels = injection_channels(unet, variant_config("sdxl")["injection_point"])  # fits this UNet's shapes
+    sdxl_module = ControlNeXtModel.from_variant("sdxl", out_channels=channels, **TINY_CONTROLNEXT)
+    path = save_controlnext_file(sdxl_module, tmp_path / "sdxl-module.safetensors")
+    out = tmp_path / "out"
+    code = cli_main(["train", *_args(sd15, shapes, out, "--max-train-steps", "1", "--controlnext", str(path))])
+    err = capsys.readouterr().err
+    assert code == 2 and "looks like a 'sdxl' module (for sdxl UNets) but the UNet is sd15" in err, err
+    assert not (out / "controlnext.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+def _error_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.startswith("controlnext train: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(sd15, shapes, tmp_path, capsys, monkeypatch):
+    import torch.nn.functional as F
+
+    from controlnext.training import checkpoint as ckpt
+
+    real, calls = F.mse_loss, []
+
+    def mse_nan_at_step_3(*a, **k):  # a loss that overflows at the third step (one micro-step per step)
+        calls.append(1)
+        value = real(*a, **k)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(F, "mse_loss", mse_nan_at_step_3)
+    out = tmp_path / "nan"
+    args = _args(sd15, shapes, out, "--max-train-steps", "5", "--checkpointing-steps", "1")
+    assert cli_main(["train", *args]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "The training loss is nan at step 3" in line and str(out / "checkpoints" / "checkpoint-2") in line
+    root = out / "checkpoints"
+    assert ckpt.latest_checkpoint(root) == root / "checkpoint-2" and not (root / "checkpoint-3").exists()
+    ckpt.verify_checkpoint(root / "checkpoint-2")
+    saved = load_file(root / "checkpoint-2" / "trainable.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert not (out / "controlnext.safetensors").exists()  # nothing exported from a diverged run
+
+
+def test_non_finite_loaded_weights_are_named_in_a_warning(sd15, shapes, sd15_run, tmp_path, capsys, caplog):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, first = sd15_run
+    module = load_file(first / "controlnext.safetensors")
+    key = sorted(module)[0]
+    module[key] = module[key].clone().fill_(float("inf"))
+    with_inf = tmp_path / "inf-module.safetensors"
+    with safe_open(str(first / "controlnext.safetensors"), "pt") as f:
+        meta = f.metadata()
+    save_file(module, str(with_inf), metadata=meta)
+    base = tmp_path / "nan-base"
+    shutil.copytree(sd15, base)
+    unet_file = next((base / "unet").glob("*.safetensors"))
+    unet = load_file(unet_file)
+    name = sorted(unet)[0]
+    unet[name] = unet[name].clone().fill_(float("nan"))
+    save_file(unet, str(unet_file), metadata={"format": "pt"})
+
+    for pretrained, start, what in [(sd15, with_inf, f"--controlnext {with_inf}"), (base, None, "(unet)")]:
+        caplog.clear()
+        extra = ["--controlnext", str(start)] if start else []
+        with caplog.at_level("WARNING", logger="controlnext.train"):
+            code = cli_main(["train", *_args(pretrained, shapes, tmp_path / "o", "--max-train-steps", "1", *extra)])
+        warning = " ".join(r.getMessage() for r in caplog.records)
+        assert what in warning and "hold NaN or inf" in warning, warning
+        assert (key if start else name) in warning
+        # Training from them gives a NaN loss at once: stopped at step 1, nothing written.
+        assert code == 2 and re.search(r"loss is (nan|inf|-inf) at step 1", _error_line(capsys.readouterr().err))

@@ -263,3 +263,27 @@ def test_16bit_and_transparent_conditions_decode(tmp_path):
     data = ControlDataset(source, scan_rows(source), 8, center_crop=True)
     assert torch.allclose(data[(0, 0)]["conditioning"], torch.ones(3, 8, 8))
     assert torch.equal(data[(0, 1)]["conditioning"], torch.zeros(3, 8, 8))
+
+
+def test_decompression_bombs_are_skipped_in_either_column(tmp_path, monkeypatch):
+    # Pillow refuses images over 2 x MAX_IMAGE_PIXELS with DecompressionBombError (not an OSError); a low limit
+    # makes 64x64 images such bombs while the 32x32 ones stay fine.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    rows = []
+    for i, (img, cond) in enumerate([(32, 32), (64, 32), (32, 64), (32, 32)]):
+        _save(tmp_path / f"img{i}.png", _pattern(img, img, i))
+        _save(tmp_path / f"cond{i}.png", _pattern(cond, cond, 10 + i))
+        rows.append({"file_name": f"img{i}.png", "conditioning_image_file_name": f"cond{i}.png", "text": f"t{i}"})
+    _write_rows(tmp_path, rows)
+    source = open_source(str(tmp_path))
+    scan = scan_rows(source)
+    assert scan.good == [0, 3]
+    reasons = dict(scan.bad)
+    assert "image is too large to decode safely" in reasons["1 [img1.png]"]
+    assert "condition is too large to decode safely" in reasons["2 [img2.png]"]
+    # Unchecked (--no-check-data): found when loaded, replaced by the next row and reported, in both columns.
+    data = ControlDataset(source, scan_rows(source, check=False), 32, center_crop=True)
+    batch = collate([data[(0, p)] for p in range(4)])
+    assert batch["captions"] == ["t0", "t3", "t3", "t3"]
+    found = dict(batch["bad_rows"])
+    assert "image is too large" in found["1 [img1.png]"] and "condition is too large" in found["2 [img2.png]"]

@@ -199,3 +199,63 @@ def test_control_only_training_saves_deltas_and_cli_errors(base_dir, data_root, 
     assert run.unet_names == [] and "unet" not in run.files and (tmp_path / "d" / "controlnext.safetensors").is_file()
     code = train_main(["--pretrained-model", str(base_dir), "--dataset", str(tmp_path / "missing")])
     assert code == 2 and "Video dataset folder not found" in capsys.readouterr().err
+
+
+def test_config_refuses_non_finite_rates_and_oversized_frames(tmp_path):
+    for kw, message in [
+        (dict(learning_rate=float("inf")), "learning_rate must be a finite number, got inf"),
+        (dict(control_learning_rate=float("nan")), "control_learning_rate must be a finite number, got nan"),
+        (dict(learning_rate=5.0), r"learning_rate must be in \[0, 1\], got 5.0"),
+        (dict(adam_epsilon=0.0), r"adam_epsilon must be in \(0, 1\]"),
+        (dict(width=100000), "width must be at most 4096, got 100000"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            VideoTrainConfig(pretrained_model="base", dataset="data", **kw).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused on the CPU only")
+def test_fp16_on_the_cpu_is_refused_before_loading(tmp_path):
+    cfg = VideoTrainConfig(pretrained_model=str(tmp_path / "no-base"), dataset="d", output_dir=str(tmp_path / "o"),
+                           mixed_precision="fp16")  # fmt: skip
+    with pytest.raises(ValueError, match="--mixed-precision fp16 needs a GPU"):
+        train_video(cfg)
+
+
+def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(base_dir, data_root, tmp_path, monkeypatch):
+    from controlnext.training import checkpoint as ckpt
+    from controlnext.training.video import loop
+
+    real, calls = loop.edm_loss, []
+
+    def nan_at_step_3(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(loop, "edm_loss", nan_at_step_3)
+    out = tmp_path / "nan"
+    cfg = _cfg(base_dir, data_root, out, max_train_steps=4, checkpointing_steps=2, probe_loss=False)
+    with pytest.raises(ValueError, match=r"loss is nan at step 3.*checkpoint-2"):
+        train_video(cfg)
+    root = out / "checkpoints"
+    assert ckpt.latest_checkpoint(root) == root / "checkpoint-2" and not (root / "checkpoint-3").exists()
+    assert not (out / "controlnext.safetensors").exists()
+
+
+def test_a_folder_in_use_by_another_run_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom controlnext.training.checkpoint import lock_output_dir\n"
+         f"with lock_output_dir({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = VideoTrainConfig(pretrained_model=str(tmp_path / "base"), dataset="d", output_dir=str(out))
+        with pytest.raises(ValueError, match="is in use by another training run"):
+            train_video(cfg)
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)

@@ -10,22 +10,37 @@ A checkpoint is written into ``.tmp-checkpoint-N`` by every process, flushed to 
 folder), then renamed to ``checkpoint-N`` in one ``os.replace``, after which ``latest`` is rewritten the same way
 (temporary file, fsync, rename). A crash at any moment therefore leaves ``latest`` naming a complete checkpoint;
 left-over temporary folders are removed by the next run. ``checkpoint.json`` (written last, before the rename)
-lists every file with its size, so a checkpoint damaged afterwards is detected when resuming.
+lists every file with its size and SHA-256 (and its own SHA-256), so a checkpoint damaged afterwards (truncated,
+or bytes changed in place) is detected when resuming; ``latest`` then falls back to the newest intact checkpoint,
+with a warning.
+
+Also here: the lock that keeps two runs out of one output folder (:func:`lock_output_dir`), and
+:func:`finish_safetensors`, which makes a written ``.safetensors`` file reproducible (metadata in sorted order)
+and readable like any other output (the umask's mode, not the 0600 that safetensors gives its files).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
     "LATEST",
     "MANIFEST",
+    "OutputDirLocked",
     "complete_checkpoints",
+    "finish_safetensors",
     "latest_checkpoint",
+    "lock_output_dir",
+    "newest_intact_checkpoint",
     "prune_checkpoints",
     "remove_partial",
     "resolve_resume",
@@ -34,8 +49,11 @@ __all__ = [
     "write_text_atomic",
 ]
 
+log = logging.getLogger("controlnext.train")
+
 LATEST = "latest"
 MANIFEST = "checkpoint.json"
+LOCK_FILE = ".controlnext-train.lock"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 
@@ -81,18 +99,75 @@ def write_text_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def _default_mode() -> int:
+    """The mode a newly created file gets here (0o644 under the usual umask 022)."""
+    try:  # Linux reports the umask without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def finish_safetensors(path: Path) -> Path:
+    """Rewrite a ``.safetensors`` header with its metadata in sorted order and give the file the default mode.
+
+    safetensors writes metadata in hash-map order (different from one process to the next) and creates its files
+    with mode 0600; after this, identical tensors and metadata give identical bytes, readable like other outputs.
+    """
+    path = Path(path)
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)  # the format aligns the tensor data to 8 bytes
+        if len(text) == length:
+            f.seek(8)
+            f.write(text)
+        else:  # a different escaping changed the length: rewrite the whole file
+            f.seek(8 + length)
+            data = f.read()
+            f.seek(0)
+            f.write(struct.pack("<Q", len(text)) + text + data)
+            f.truncate()
+    os.chmod(path, _default_mode())
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_manifest(folder: Path, step: int, extra: dict | None) -> None:
     files = {
-        str(p.relative_to(folder)): p.stat().st_size
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
     manifest = {"step": step, "files": files, **(extra or {})}
+    manifest[_SELF_HASH] = _manifest_hash(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+_SELF_HASH = "manifest_sha256"
+
+
+def _manifest_hash(manifest: dict) -> str:
+    """SHA-256 of the manifest without its own hash (its step and losses are read from it on resume)."""
+    body = {k: v for k, v in manifest.items() if k != _SELF_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def verify_checkpoint(folder: Path) -> dict:
-    """Check a checkpoint folder against its manifest; returns it or raises ValueError naming what is wrong."""
+    """Check a checkpoint folder against its manifest (every file's size and SHA-256); returns the manifest or
+    raises ValueError naming what is wrong. Manifests of older versions hold sizes only; those are checked."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -100,15 +175,23 @@ def verify_checkpoint(folder: Path) -> dict:
             f"{folder} is not a complete checkpoint (no {MANIFEST}; was it written by an interrupted run?)."
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{manifest_path} is damaged: {err}") from None
-    for rel, size in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise ValueError(f"{manifest_path} is damaged: it lists no files.")
+    if _SELF_HASH in manifest and manifest[_SELF_HASH] != _manifest_hash(manifest):
+        raise ValueError(f"{manifest_path} is damaged: its content changed (SHA-256 mismatch).")
+    for rel, entry in files.items():
+        size, digest = (entry.get("size"), entry.get("sha256")) if isinstance(entry, dict) else (entry, None)
         p = folder / rel
         if not p.is_file():
             raise ValueError(f"Checkpoint {folder} is incomplete: {rel} is missing.")
         if p.stat().st_size != size:
             raise ValueError(f"Checkpoint {folder} is damaged: {rel} has {p.stat().st_size} bytes, expected {size}.")
+        if digest is not None and _sha256(p) != digest:
+            raise ValueError(f"Checkpoint {folder} is damaged: the content of {rel} changed (SHA-256 mismatch).")
     return manifest
 
 
@@ -137,13 +220,38 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def newest_intact_checkpoint(root: Path) -> Path | None:
+    """The checkpoint named by ``latest`` if it verifies, else the newest one that does (a warning names what was
+    wrong with each skipped one); None if there is no checkpoint. Raises ValueError if none verifies."""
+    root = Path(root)
+    first = latest_checkpoint(root)
+    if first is None:
+        return None
+    candidates = [first] + [p for _, p in reversed(complete_checkpoints(root)) if p != first]
+    problems = []
+    for folder in candidates:
+        try:
+            verify_checkpoint(folder)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            log.warning("Resuming from %s, the newest intact checkpoint; skipped: %s", folder, " ".join(problems))
+        return folder
+    raise ValueError(
+        f"No intact checkpoint in {root} to resume from: {' '.join(problems)} Start a new run in another "
+        "--output-dir, or drop --resume-from-checkpoint."
+    )
+
+
 def resolve_resume(spec: str | None, checkpoints_root: Path) -> Path | None:
-    """Resolve ``--resume-from-checkpoint``: ``latest`` (None if there is no checkpoint yet), a checkpoint folder,
-    or a run/checkpoints folder (its latest checkpoint)."""
+    """Resolve ``--resume-from-checkpoint`` to a verified checkpoint folder: ``latest`` (None if there is no
+    checkpoint yet) or a run/checkpoints folder give its newest intact checkpoint; a checkpoint folder itself must
+    be intact."""
     if not spec:
         return None
     if spec == "latest":
-        return latest_checkpoint(checkpoints_root)
+        return newest_intact_checkpoint(checkpoints_root)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--resume-from-checkpoint {spec}: no such checkpoint folder.")
@@ -151,7 +259,7 @@ def resolve_resume(spec: str | None, checkpoints_root: Path) -> Path | None:
         verify_checkpoint(path)
         return path
     for root in (path, path / "checkpoints"):
-        found = latest_checkpoint(root)
+        found = newest_intact_checkpoint(root)
         if found is not None:
             return found
     raise ValueError(
@@ -222,6 +330,8 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for path in sorted(tmp.rglob("*.safetensors")):
+            finish_safetensors(path)
         _write_manifest(tmp, step, extra)
         fsync_tree(tmp)
         _commit(tmp, final)
@@ -229,3 +339,32 @@ def save_checkpoint(
         prune_checkpoints(root, total_limit, keep=final)
     accelerator.wait_for_everyone()
     return final
+
+
+class OutputDirLocked(ValueError):
+    """Another training run holds the output folder."""
+
+
+@contextlib.contextmanager
+def lock_output_dir(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` for the block, or raise :class:`OutputDirLocked` at once.
+
+    Two runs writing into one folder would delete each other's temporary checkpoints. The lock is an OS file lock
+    (``flock``), so it goes with its process: a run that was killed leaves no lock behind.
+    """
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputDirLocked(
+            f"{folder} is in use by another training run (it holds {folder / LOCK_FILE}); wait for it to finish or "
+            "choose another --output-dir."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

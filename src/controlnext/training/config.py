@@ -5,17 +5,46 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..families import families, get_family
 
-__all__ = ["TrainConfig", "add_train_arguments", "config_from_args", "parse_train_args"]
+__all__ = [
+    "MAX_RESOLUTION",
+    "TrainConfig",
+    "add_train_arguments",
+    "check_range",
+    "config_from_args",
+    "parse_train_args",
+]
+
+# The largest training side accepted: beyond it one sample does not fit any current accelerator.
+MAX_RESOLUTION = 4096
 
 
 def _image_families() -> list[str]:
     """The families ``controlnext train`` takes (the video family has ``train-video``)."""
     return [f.name for f in families() if not f.video]
+
+
+def check_range(
+    flag: str, value: float | None, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
+    """Raise ValueError unless ``value`` (None: not set) is a finite number within [low, high] (or open ends).
+
+    ``float("inf")`` and ``nan`` parse as floats from the command line; they would train to all-NaN weights.
+    """
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {value}.")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{flag} must be in {bounds}, got {value}.")
 
 
 @dataclass
@@ -123,13 +152,33 @@ class TrainConfig:
             f"--max-train-steps must be >= 1, got {self.max_train_steps}.",
         )
         need(self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1.")
+        for flag, value in (("--learning-rate", self.learning_rate), ("--unet-learning-rate", self.unet_learning_rate)):
+            need(value is not None and math.isfinite(value), f"{flag} must be a finite number, got {value}.")
         need(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}.")
         need(self.unet_learning_rate >= 0, f"--unet-learning-rate must be >= 0, got {self.unet_learning_rate}.")
+        # Adam steps are about lr in size whatever the gradient: beyond 1 every weight is destroyed in a few steps.
+        check_range("--learning-rate", self.learning_rate, 0, 1, low_open=True)
+        check_range("--unet-learning-rate", self.unet_learning_rate, 0, 1)
+        check_range("--adam-beta1", self.adam_beta1, 0, 1, high_open=True)
+        check_range("--adam-beta2", self.adam_beta2, 0, 1, high_open=True)
+        check_range("--adam-weight-decay", self.adam_weight_decay, 0, 1)
+        check_range("--adam-epsilon", self.adam_epsilon, 0, 1, low_open=True)
+        check_range("--max-grad-norm", self.max_grad_norm, 0, 1e6)
+        check_range("--lr-power", self.lr_power, 0, 100, low_open=True)
+        check_range("--validation-guidance-scale", self.validation_guidance_scale, 0, 100)
+        need(self.lr_num_cycles >= 1, f"--lr-num-cycles must be >= 1, got {self.lr_num_cycles}.")
+        need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}.")
+        need(self.text_embedding_cache >= 0, f"--text-embedding-cache must be >= 0, got {self.text_embedding_cache}.")
         need(0.0 <= self.caption_dropout <= 1.0, f"--caption-dropout must be in [0, 1], got {self.caption_dropout}.")
         need(self.on_bad_row in ("skip", "error"), f"--on-bad-row must be skip or error, got {self.on_bad_row!r}.")
         need(
             self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
             f"--resolution must be a positive multiple of 8, got {self.resolution}.",
+        )
+        need(
+            self.resolution is None or self.resolution <= MAX_RESOLUTION,
+            f"--resolution must be at most {MAX_RESOLUTION}, got {self.resolution} (SD1.5 trains at 512, SDXL at "
+            "1024).",
         )
         for flag, value in (
             ("--validation-steps", self.validation_steps),
@@ -171,8 +220,10 @@ class TrainConfig:
             self.prediction_type in (None, "epsilon", "v_prediction"),
             f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}.",
         )
-        need(self.snr_gamma is None or self.snr_gamma > 0, f"--snr-gamma must be > 0, got {self.snr_gamma}.")
+        need(self.snr_gamma is None or not self.snr_gamma <= 0, f"--snr-gamma must be > 0, got {self.snr_gamma}.")
+        check_range("--snr-gamma", self.snr_gamma, 0, 1e6, low_open=True)
         need(self.noise_offset >= 0, f"--noise-offset must be >= 0, got {self.noise_offset}.")
+        check_range("--noise-offset", self.noise_offset, 0, 1)
         need(0.0 < self.ema_decay < 1.0, f"--ema-decay must be in (0, 1), got {self.ema_decay}.")
         need(
             self.report_to in ("none", "tensorboard", "wandb", "all"),

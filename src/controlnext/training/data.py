@@ -269,6 +269,8 @@ def _open(ref: Any, what: str, row_id: str) -> Image.Image:
         return Image.open(ref)
     except FileNotFoundError:
         raise BadRowError(row_id, f"{what} file not found: {ref}") from None
+    except Image.DecompressionBombError as err:  # not an OSError: without this it would end the whole run
+        raise BadRowError(row_id, f"{what} is too large to decode safely: {err}") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         if isinstance(err, BadRowError):
             raise
@@ -294,6 +296,8 @@ def _decode(ref: Any, what: str, row_id: str) -> Image.Image:
     try:
         img.load()
         return _to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise BadRowError(row_id, f"{what} is too large to decode safely: {err}") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise BadRowError(row_id, f"{what} could not be decoded: {err}") from None
 

@@ -2,15 +2,22 @@
 
 The control module file is written by :func:`controlnext.loading.save_controlnext_file`, so that training and
 inference share one definition of the published layout; the UNet subset in the format that
-:func:`controlnext.loading.load_unet_weights` reads.
+:func:`controlnext.loading.load_unet_weights` reads. Weights are written into a temporary folder first and moved
+into place when complete (:func:`staged_outputs`), so an interrupted export never leaves a partial file or folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .checkpoint import _commit, finish_safetensors, fsync_tree
 
 __all__ = [
     "CONTROL_FILE",
@@ -20,6 +27,7 @@ __all__ = [
     "export_outputs",
     "save_control_file",
     "save_unet_subset",
+    "staged_outputs",
     "write_model_card",
 ]
 
@@ -30,11 +38,40 @@ UNET_VALUES_FILE = "unet_weights.safetensors"
 UNET_DELTAS_FILE = "unet_weight_increasements.safetensors"
 
 
+STAGING = ".tmp-export"
+
+
+@contextlib.contextmanager
+def staged_outputs(output_dir: str | Path) -> Iterator[Path]:
+    """A temporary folder for outputs; when the block succeeds, each entry replaces its namesake in ``output_dir``.
+
+    Entries are made complete first (``.safetensors`` headers sorted and given the default mode, everything
+    flushed to disk), then moved with one rename each: a crash leaves every output either old or new, never
+    partial. A staging folder left by a crash is removed by the next export.
+    """
+    output_dir = Path(output_dir)
+    staging = output_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        for path in sorted(staging.rglob("*.safetensors")):
+            finish_safetensors(path)
+        fsync_tree(staging)
+        for entry in sorted(staging.iterdir()):
+            if entry.is_dir():
+                _commit(entry, output_dir / entry.name)
+            else:
+                os.replace(entry, output_dir / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_control_file(module, path: str | Path) -> Path:
     """Write the control module as one ``.safetensors`` in the published layout (variant and config in metadata)."""
     from ..loading import save_controlnext_file
 
-    return save_controlnext_file(module, path)
+    return finish_safetensors(save_controlnext_file(module, path))
 
 
 def save_unet_subset(
@@ -55,7 +92,7 @@ def save_unet_subset(
         ).contiguous()
     mode = "deltas" if base_values is not None else "values"
     save_file(out, str(path), metadata={"controlnext_unet_weights": mode})
-    return path
+    return finish_safetensors(path)
 
 
 def write_model_card(output_dir: Path, info: dict) -> Path:
@@ -120,21 +157,21 @@ def export_outputs(
     """
     from ..models.controlnext import ControlNeXtModel
 
-    output_dir = Path(output_dir)
     module = ControlNeXtModel.from_config(control_config)
     module.load_state_dict({k[len("controlnext.") :]: v for k, v in state.items() if k.startswith("controlnext.")})
-    module.save_pretrained(str(output_dir / CONTROL_FOLDER))
-    save_control_file(module, output_dir / CONTROL_FILE)
     files = {
         f"{CONTROL_FOLDER}/": "the control module (diffusers `save_pretrained` folder)",
         CONTROL_FILE: "the control module as one file in the published layout",
     }
     unet = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
-    if unet:
-        if unet_format == "deltas":
-            save_unet_subset(unet, output_dir / UNET_DELTAS_FILE, base_values)
-            files[UNET_DELTAS_FILE] = f"trained UNet parameters ({len(unet)} tensors) as deltas from the base"
-        else:
-            save_unet_subset(unet, output_dir / UNET_VALUES_FILE)
-            files[UNET_VALUES_FILE] = f"trained UNet parameters ({len(unet)} tensors) as values"
+    with staged_outputs(output_dir) as staging:
+        module.save_pretrained(str(staging / CONTROL_FOLDER))
+        save_control_file(module, staging / CONTROL_FILE)
+        if unet:
+            if unet_format == "deltas":
+                save_unet_subset(unet, staging / UNET_DELTAS_FILE, base_values)
+                files[UNET_DELTAS_FILE] = f"trained UNet parameters ({len(unet)} tensors) as deltas from the base"
+            else:
+                save_unet_subset(unet, staging / UNET_VALUES_FILE)
+                files[UNET_VALUES_FILE] = f"trained UNet parameters ({len(unet)} tensors) as values"
     return files

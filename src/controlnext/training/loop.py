@@ -13,9 +13,11 @@ over a different number of processes, replays the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,10 +34,11 @@ from ..families import get_family
 from ..inject import attached, injection_channels
 from ..models.controlnext import ControlNeXtModel
 from .base import BaseModel, PromptEncoder, load_base_model
-from .checkpoint import remove_partial, resolve_resume, save_checkpoint, verify_checkpoint, write_text_atomic
+from .checkpoint import lock_output_dir, remove_partial, resolve_resume, save_checkpoint, write_text_atomic
 from .config import TrainConfig
 from .data import ColumnNames, ControlDataset, EpochBatchSampler, bucket_sizes, collate, open_source, scan_rows
 from .export import export_outputs, write_model_card
+from .guards import check_loss, check_mixed_precision, check_weights, warn_non_finite
 from .trainable import (
     TrainableSet,
     apply_trainable,
@@ -134,7 +138,8 @@ def _make_controlnext(cfg: TrainConfig, unet: nn.Module, family: str) -> Control
         except ImportError:
             load_controlnext = None
         if load_controlnext is not None:
-            module = load_controlnext(cfg.controlnext)
+            # family=: a module for another family (e.g. SDXL on an SD1.5 base) is refused before training.
+            module = load_controlnext(cfg.controlnext, family=family)
         else:
             module = ControlNeXtModel.from_pretrained(cfg.controlnext)
         if module.config.normalization != cfg.control_injection:
@@ -142,6 +147,14 @@ def _make_controlnext(cfg: TrainConfig, unet: nn.Module, family: str) -> Control
                 f"--controlnext {cfg.controlnext} uses {module.config.normalization} injection but "
                 f"--control-injection {cfg.control_injection} was asked; drop one of them."
             )
+        point = module.config.injection_point
+        if module.config.out_channels != injection_channels(unet, point):
+            raise ValueError(
+                f"--controlnext {cfg.controlnext} gives {module.config.out_channels} channels at its injection "
+                f"point ({point}) but this {family} UNet has {injection_channels(unet, point)} there: it was made "
+                "for another base model."
+            )
+        warn_non_finite(module, f"--controlnext {cfg.controlnext}")
         return module.to(torch.float32)
     variant = cfg.controlnext_variant or get_family(family).default_variant
     overrides = cfg.control_overrides()
@@ -165,20 +178,17 @@ def _has_accelerator() -> bool:
     )
 
 
-def _scan_on_main(accelerator, source, cfg: TrainConfig):
-    """Check the rows once, on the main process, and share the result (or its error) with the others."""
+def _on_main(accelerator, work):
+    """Run ``work()`` once, on the main process, and share its result (or its error) with the others."""
     from accelerate.utils import broadcast_object_list
 
-    def scan():
-        return scan_rows(source, cfg.on_bad_row, check=cfg.check_data or cfg.bucketing, limit=cfg.max_train_samples)
-
     if accelerator.num_processes == 1:
-        return scan()
+        return work()
     payload: list = [None]
     if accelerator.is_main_process:
         try:
-            payload = [("ok", scan())]
-        except ValueError as err:  # (BadRowError too) every process must stop, not wait for the main one
+            payload = [("ok", work())]
+        except (ValueError, FileNotFoundError) as err:  # every process must stop, not wait for the main one
             payload = [("error", str(err))]
     broadcast_object_list(payload)
     kind, value = payload[0]
@@ -214,6 +224,14 @@ def _hparams(cfg: TrainConfig) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in cfg.to_dict().items()}
 
 
+def _read_checkpoint_file(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """Tensors of one checkpoint file; a damaged file (not caught by an older, size-only manifest) is one error."""
+    try:
+        return load_file(str(folder / name))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"Checkpoint {folder}: {name} is damaged ({err}).") from None
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one training as configured; returns the trained objects and what was written.
@@ -224,7 +242,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     try:
-        return _train(cfg)
+        with contextlib.ExitStack() as held:  # the output folder's lock, released however the run ends
+            return _train(cfg, held)
     finally:
         torch.set_num_threads(threads)
         _release_accelerate_state()
@@ -242,7 +261,7 @@ def _release_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def _train(cfg: TrainConfig) -> TrainResult:
+def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, gather_object
     from diffusers.optimization import get_scheduler
@@ -260,8 +279,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     )
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
+    check_mixed_precision(accelerator)
     if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(lock_output_dir(output_dir))
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -272,6 +292,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
     family = base.family
     fam = get_family(family)
     resolution = cfg.resolution or fam.resolution
+    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    for flag, size in (("--resolution", resolution), ("--bucket-step", cfg.bucket_step if cfg.bucketing else 0)):
+        if size % factor:
+            raise ValueError(f"{flag} must be a multiple of {factor} (this base's VAE downsampling), got {size}.")
+    for part, module in (("unet", base.unet), ("vae", base.vae), *(("text encoder", e) for e in base.text_encoders)):
+        warn_non_finite(module, f"base model {cfg.pretrained_model} ({part})")
     unet = base.unet
     controlnext = _make_controlnext(cfg, unet, family)
     patterns = cfg.train_unet if cfg.train_unet is not None else list(fam.trainable_patterns)
@@ -318,7 +344,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
         cfg.dataset_config,
         cfg.cache_dir,
     )
-    scan = _scan_on_main(accelerator, source, cfg)
+    scan = _on_main(  # the rows are checked once
+        accelerator,
+        lambda: scan_rows(source, cfg.on_bad_row, check=cfg.check_data or cfg.bucketing, limit=cfg.max_train_samples),
+    )
     say(f"data: {source.description}: {len(scan.good)} usable rows" + (f", {len(scan.bad)} bad" if scan.bad else ""))
     if scan.bad and main:
         print(scan.summary())
@@ -420,7 +449,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         in_dir = Path(in_dir)
         if models:
             models.pop()
-            sd = load_file(str(in_dir / TRAINABLE_FILE))
+            sd = _read_checkpoint_file(in_dir, TRAINABLE_FILE)
             missing = sorted(set(trainable_keys) - set(sd))
             unexpected = sorted(set(sd) - set(trainable_keys))
             if missing or unexpected:
@@ -439,7 +468,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if ema is not None:
             if not (in_dir / EMA_FILE).is_file():
                 raise ValueError(f"Checkpoint {in_dir} has no EMA weights but --use-ema was given.")
-            shadow = load_file(str(in_dir / EMA_FILE))
+            shadow = _read_checkpoint_file(in_dir, EMA_FILE)
             for i, p in enumerate(ema.shadow_params):
                 p.data.copy_(shadow[f"{i}"].to(p.device))
             ema.optimization_step = int(state["ema"]["optimization_step"])
@@ -457,10 +486,13 @@ def _train(cfg: TrainConfig) -> TrainResult:
     if main:
         remove_partial(ckpt_root)
     accelerator.wait_for_everyone()
-    resume = resolve_resume(cfg.resume_from_checkpoint, ckpt_root)
+    # Verified (sizes and SHA-256) once, on the main process, which also warns about a damaged newest checkpoint.
+    resume = _on_main(accelerator, lambda: resolve_resume(cfg.resume_from_checkpoint, ckpt_root))
     if resume is not None:
-        verify_checkpoint(resume)
-        accelerator.load_state(str(resume))
+        try:
+            accelerator.load_state(str(resume))
+        except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
+            raise ValueError(f"Checkpoint {resume} could not be read: {err}") from None
         say(f"resumed from {resume} at step {run.global_step}")
     elif cfg.resume_from_checkpoint == "latest":
         say(f"no checkpoint in {ckpt_root} yet: starting a new run")
@@ -509,7 +541,17 @@ def _train(cfg: TrainConfig) -> TrainResult:
     bad_rows: list[tuple[str, str]] = []
     progress = tqdm(total=max_steps, initial=run.global_step, desc="train", unit="step", disable=not main)
     new_losses: list[float] = []
-    last_checkpoint = run.global_step if resume is not None else -1
+    last_checkpoint = resumed_step = run.global_step if resume is not None else -1
+
+    def last_good() -> str | None:
+        """The newest checkpoint this run can go back to (named in the error when training diverges)."""
+        if last_checkpoint < 0:
+            return None
+        return str(resume if last_checkpoint == resumed_step else ckpt_root / f"checkpoint-{last_checkpoint}")
+
+    def trained_named() -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
     t0 = time.time()
     done = run.global_step >= max_steps
     stop_at = max_steps if cfg.exit_after_steps is None else min(max_steps, run.global_step + cfg.exit_after_steps)
@@ -528,6 +570,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 bad_rows.extend(batch["bad_rows"])
                 with accelerator.accumulate(model):
                     loss = loss_for(batch, run.global_step, micro)
+                    check_loss(loss, run.global_step + 1, last_good())
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trained_params, cfg.max_grad_norm)
@@ -552,6 +595,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 if trackers and run.global_step % cfg.logging_steps == 0:
                     accelerator.log({"loss": step_loss, **lrs}, step=run.global_step)
                 if run.global_step % cfg.checkpointing_steps == 0:
+                    check_weights(trained_named(), run.global_step, last_good())
                     save_checkpoint(accelerator, ckpt_root, run.global_step, cfg.checkpoints_total_limit)
                     last_checkpoint = run.global_step
                 if pairs and main and run.global_step % cfg.validation_steps == 0:
@@ -578,6 +622,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     # ---- finish
     if last_checkpoint != run.global_step:
+        check_weights(trained_named(), run.global_step, last_good())
         save_checkpoint(accelerator, ckpt_root, run.global_step, cfg.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     raw_unet = accelerator.unwrap_model(model).unet
@@ -620,6 +665,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     files: dict[str, str] = {}
     if main:
         final_state = {k: v.detach().to("cpu", torch.float32) for k, v in final_state.items() if k in trainable_keys}
+        check_weights(final_state.items(), run.global_step, last_good())  # the EMA average too
         files = export_outputs(output_dir, raw_control.config, final_state, base_values, cfg.save_unet_as)
         if len(set(prints)) > 1 and not sharded:
             log.warning("The processes ended with different weights: %s", prints)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...families import get_family
+from ..config import MAX_RESOLUTION, check_range
 
 __all__ = ["VideoTrainConfig", "add_video_train_arguments", "video_config_from_args"]
 
@@ -73,12 +74,27 @@ class VideoTrainConfig:
             v = getattr(self, name)
             if v < 8 or v % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {v}.")
+            if v > MAX_RESOLUTION:
+                raise ValueError(f"{name} must be at most {MAX_RESOLUTION}, got {v} (SVD trains at 512x768).")
         positive = ("num_frames", "sample_stride", "train_batch_size", "gradient_accumulation_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"max_train_steps must be at least 1, got {self.max_train_steps}.")
+        # Non-finite or huge rates train to all-NaN weights (Adam steps are about lr in size).
+        check_range("learning_rate", self.learning_rate, 0, 1)
+        check_range("control_learning_rate", self.control_learning_rate, 0, 1)
+        if not self.learning_rate and not self.control_learning_rate:
+            raise ValueError("learning_rate (or control_learning_rate) must be > 0.")
+        check_range("adam_beta1", self.adam_beta1, 0, 1, high_open=True)
+        check_range("adam_beta2", self.adam_beta2, 0, 1, high_open=True)
+        check_range("adam_weight_decay", self.adam_weight_decay, 0, 1)
+        check_range("adam_epsilon", self.adam_epsilon, 0, 1, low_open=True)
+        check_range("max_grad_norm", self.max_grad_norm, 0, 1e6)
+        check_range("noise_aug_strength", self.noise_aug_strength, 0, 10)
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}.")
         if not 0 <= self.conditioning_dropout_prob <= 1 / 3:
             raise ValueError("conditioning_dropout_prob must lie in [0, 1/3] (three disjoint drop events).")
         if self.noise_distribution not in ("cosine_interpolated", "lognormal"):

@@ -17,6 +17,7 @@ use the training package's atomic ``checkpoint-N`` folders (``accelerator.save_s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +31,16 @@ from tqdm.auto import tqdm
 
 from ...inject import attached, injection_channels
 from ...models.controlnext import ControlNeXtModel
-from ..checkpoint import remove_partial, resolve_resume, save_checkpoint, verify_checkpoint, write_text_atomic
+from ..checkpoint import (
+    MANIFEST,
+    lock_output_dir,
+    remove_partial,
+    resolve_resume,
+    save_checkpoint,
+    write_text_atomic,
+)
+from ..export import staged_outputs
+from ..guards import check_loss, check_mixed_precision, check_weights, warn_non_finite
 from ..trainable import apply_trainable, parameter_groups, select_unet_parameters
 from .config import VideoTrainConfig
 from .data import StepBatchSampler, VideoPoseDataset, collate_video
@@ -92,8 +102,10 @@ def _make_controlnext(cfg: VideoTrainConfig, unet: nn.Module) -> ControlNeXtMode
     if cfg.controlnext:
         from ...loading import load_controlnext
 
-        return load_controlnext(cfg.controlnext, variant=cfg.controlnext_variant, family="svd",
-                                allow_pickle=cfg.allow_pickle).float()  # fmt: skip
+        module = load_controlnext(cfg.controlnext, variant=cfg.controlnext_variant, family="svd",
+                                  allow_pickle=cfg.allow_pickle).float()  # fmt: skip
+        warn_non_finite(module, f"--controlnext {cfg.controlnext}")
+        return module
     from ...models.variants import variant_config
 
     overrides = cfg.control_overrides()
@@ -157,6 +169,16 @@ class _Batcher:
 
 def train_video(cfg: VideoTrainConfig) -> VideoTrainResult:
     """Run one video training as configured (call on every process of a distributed launch)."""
+    from ..loop import _release_accelerate_state
+
+    try:
+        with contextlib.ExitStack() as held:  # the output folder's lock, released however the run ends
+            return _train_video(cfg, held)
+    finally:
+        _release_accelerate_state()  # a later run in this process may use other accelerate settings
+
+
+def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrainResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import StableVideoDiffusionPipeline
@@ -170,8 +192,9 @@ def train_video(cfg: VideoTrainConfig) -> VideoTrainResult:
         project_config=ProjectConfiguration(project_dir=str(out_dir)),
     )
     main = accelerator.is_main_process
+    check_mixed_precision(accelerator)
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(lock_output_dir(out_dir))
         remove_partial(out_dir / "checkpoints")
     device = accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -186,6 +209,9 @@ def train_video(cfg: VideoTrainConfig) -> VideoTrainResult:
         from ...loading import load_unet_weights
 
         load_unet_weights(unet, cfg.unet_weights, allow_pickle=cfg.allow_pickle)
+    for what, module in (("unet", unet), ("vae", vae), ("image encoder", image_encoder)):
+        source = cfg.unet_weights if what == "unet" and cfg.unet_weights else cfg.pretrained_model
+        warn_non_finite(module, f"{source} ({what})")
     controlnext = _make_controlnext(cfg, unet)
     unet_names = select_unet_parameters(unet, cfg.train_unet)
     trainable = apply_trainable(unet, controlnext, unet_names)
@@ -225,9 +251,12 @@ def train_video(cfg: VideoTrainConfig) -> VideoTrainResult:
 
     # ---- resume
     global_step, losses = 0, []
-    resume = resolve_resume(cfg.resume_from_checkpoint, out_dir / "checkpoints")
+    from ..loop import _on_main
+
+    # Verified (sizes and SHA-256) once, on the main process.
+    resume = _on_main(accelerator, lambda: resolve_resume(cfg.resume_from_checkpoint, out_dir / "checkpoints"))
     if resume is not None:
-        manifest = verify_checkpoint(resume)
+        manifest = json.loads((resume / MANIFEST).read_text())
         key = manifest.get("resume_key", {})
         if key and key != cfg.resume_key(procs):
             raise ValueError(
@@ -258,6 +287,11 @@ def train_video(cfg: VideoTrainConfig) -> VideoTrainResult:
 
     probe_before = probe() if cfg.probe_loss and global_step == 0 else None
     bar = tqdm(total=max_steps, initial=global_step, desc="video training", disable=not main)
+    last_good = str(resume) if resume is not None else None
+
+    def trained_named() -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
     micro = 0
     step_loss = 0.0
     for batch in loader:
@@ -265,8 +299,7 @@ def train_video(cfg: VideoTrainConfig) -> VideoTrainResult:
         gens = _generators(cfg.seed, global_step, micro, first, batch["pixel_values"].shape[0])
         with accelerator.accumulate(model):
             loss = batcher.loss(model, batch, gens)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"The loss is {loss.item()} at step {global_step}; lower the learning rate.")
+            check_loss(loss, global_step + 1, last_good)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
                 accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
@@ -283,22 +316,28 @@ def train_video(cfg: VideoTrainConfig) -> VideoTrainResult:
         bar.set_postfix(loss=f"{step_loss:.4f}")
         micro, step_loss = 0, 0.0
         if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0 and global_step < max_steps:
+            check_weights(trained_named(), global_step, last_good)
             extra = {"losses": losses, "resume_key": cfg.resume_key(procs)}
-            save_checkpoint(accelerator, out_dir / "checkpoints", global_step, cfg.checkpoints_total_limit, extra)
+            last_good = str(save_checkpoint(accelerator, out_dir / "checkpoints", global_step,
+                                            cfg.checkpoints_total_limit, extra))  # fmt: skip
     bar.close()
 
     # ---- outputs
     controlnext_out = accelerator.unwrap_model(model).controlnext
     files: dict[str, str] = {}
     extra = {"losses": losses, "resume_key": cfg.resume_key(procs)}
+    check_weights(trained_named(), global_step, last_good)
     save_checkpoint(accelerator, out_dir / "checkpoints", global_step, cfg.checkpoints_total_limit, extra)
     if main:
         from ...loading import save_controlnext_file, save_unet_weights
 
-        files["controlnext"] = str(save_controlnext_file(controlnext_out, out_dir / CONTROLNEXT_FILE))
-        if unet_names:
-            base_sd = base_values if cfg.save_unet == "deltas" else None
-            files["unet"] = str(save_unet_weights(unet, out_dir / UNET_FILE, unet_names, base_sd))
+        with staged_outputs(out_dir) as staging:  # complete files only, each moved into place in one rename
+            save_controlnext_file(controlnext_out, staging / CONTROLNEXT_FILE)
+            files["controlnext"] = str(out_dir / CONTROLNEXT_FILE)
+            if unet_names:
+                base_sd = base_values if cfg.save_unet == "deltas" else None
+                save_unet_weights(unet, staging / UNET_FILE, unet_names, base_sd)
+                files["unet"] = str(out_dir / UNET_FILE)
         write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
     accelerator.wait_for_everyone()
     probe_losses = (probe_before, probe()) if probe_before is not None else None
