@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from controlnext.shapes.world import VOCABULARY, render_sample
+from controlnext.training.objectives import ddpm_inputs
 
 
 def log(msg: str) -> None:
@@ -332,16 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         tok[drop] = empty
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), generator=gen)
-        a = alphas_cumprod[t].sqrt()[:, None, None, None]
-        s = (1 - alphas_cumprod[t]).sqrt()[:, None, None, None]
-        xt = a * x0 + s * noise
+        xt, target = ddpm_inputs(noise_sched, x0, noise, t, args.prediction_type)
         enc = text_encoder(tok).last_hidden_state
         pred = unet(xt, t, enc).sample
-        snr = snr_all[t]
-        if args.prediction_type == "v_prediction":
-            target, w = a * noise - s * x0, torch.clamp(snr, max=args.min_snr) / (snr + 1)
-        else:
-            target, w = noise, torch.clamp(snr, max=args.min_snr) / snr
+        snr = snr_all[t]  # min-SNR weights from alphas_cumprod directly (the shipped base was trained so)
+        w = torch.clamp(snr, max=args.min_snr) / (snr + 1 if args.prediction_type == "v_prediction" else snr)
         loss = (w * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

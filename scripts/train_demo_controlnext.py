@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from controlnext.shapes.world import condition_image, render_sample
+from controlnext.training.objectives import ddpm_inputs, ddpm_loss
 
 METHODS = ("cross_norm", "zero_conv", "controlnet", "cross_norm_unet")
 
@@ -58,7 +58,7 @@ class Base:
     text_encoder: torch.nn.Module
     tokenizer: object
     unet: torch.nn.Module
-    alphas_cumprod: torch.Tensor
+    scheduler: object  # the base's DDPMScheduler (noise schedule and prediction type)
     path: Path
     prediction_type: str
     _emb_cache: dict = field(default_factory=dict)
@@ -90,7 +90,7 @@ def load_base(path: str | Path) -> Base:
     tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval().requires_grad_(False)
     sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    return Base(vae, te, tok, unet, sched.alphas_cumprod.clone(), path, sched.config.prediction_type)
+    return Base(vae, te, tok, unet, sched, path, sched.config.prediction_type)
 
 
 @dataclass
@@ -194,7 +194,7 @@ def train(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     gen = torch.Generator().manual_seed(seed)  # identical data/noise/timestep stream for every method
-    ac = method.base.alphas_cumprod
+    num_t = method.base.scheduler.config.num_train_timesteps
     train_seconds, avg, losses = 0.0, None, []
     if callback and callback_every:
         callback(0)
@@ -205,11 +205,9 @@ def train(
         drop = torch.rand(batch, generator=gen) < uncond_prob
         emb[drop] = data.empty
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, len(ac), (batch,), generator=gen)
-        a, s = ac[t].sqrt()[:, None, None, None], (1 - ac[t]).sqrt()[:, None, None, None]
-        pred = method.predict(a * x0 + s * noise, t, emb, cond)
-        target = a * noise - s * x0 if method.base.prediction_type == "v_prediction" else noise
-        loss = F.mse_loss(pred, target)
+        t = torch.randint(0, num_t, (batch,), generator=gen)
+        noisy, target = ddpm_inputs(method.base.scheduler, x0, noise, t, method.base.prediction_type)
+        loss = ddpm_loss(method.predict(noisy, t, emb, cond), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

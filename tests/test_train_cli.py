@@ -317,11 +317,10 @@ def test_resolution_must_suit_the_base_models_vae(sd15, shapes, tmp_path, capsys
 
 
 def test_module_for_another_family_is_refused_before_training(sd15, shapes, tmp_path, capsys):
-    from controlnext.testing import TINY_CONTROLNEXT
-
     from controlnext.inject import injection_channels
     from controlnext.loading import save_controlnext_file
     from controlnext.models.variants import variant_config
+    from controlnext.testing import TINY_CONTROLNEXT
     from controlnext.training.base import load_base_model
 
     unet = load_base_model(str(sd15)).unet

@@ -322,7 +322,6 @@ def _header(path):
 
 def test_export_is_all_or_nothing_and_byte_reproducible(tmp_path, monkeypatch):
     from controlnext.testing import tiny_controlnext
-
     from controlnext.training import export
 
     module = tiny_controlnext("sd15-training")

@@ -12,7 +12,7 @@ from typing import Any
 from .config import TrainConfig, add_train_arguments, config_from_args, parse_train_args
 
 __all__ = [
-    "ControlledUNet",
+    "ControlledBackbone",
     "TrainConfig",
     "TrainResult",
     "add_train_arguments",
@@ -23,6 +23,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("ControlledUNet", "TrainResult", "train"):
+    if name in ("TrainResult", "train"):
         return getattr(import_module(".loop", __name__), name)
+    if name == "ControlledBackbone":
+        return getattr(import_module(".core", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

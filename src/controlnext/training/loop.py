@@ -24,21 +24,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..families import get_family
-from ..inject import attached, injection_channels
+from ..inject import injection_channels
 from ..models.controlnext import ControlNeXtModel
 from .base import BaseModel, PromptEncoder, load_base_model
 from .checkpoint import lock_output_dir, remove_partial, resolve_resume, save_checkpoint, write_text_atomic
 from .config import TrainConfig
+from .core import ControlledBackbone, randn, sample_generators
 from .data import ColumnNames, ControlDataset, EpochBatchSampler, bucket_sizes, collate, open_source, scan_rows
 from .export import export_outputs, write_model_card
 from .guards import check_loss, check_mixed_precision, check_weights, warn_non_finite
+from .objectives import ddpm_inputs, ddpm_loss
 from .trainable import (
     TrainableSet,
     apply_trainable,
@@ -48,7 +49,7 @@ from .trainable import (
 )
 from .validation import run_validation, validation_pairs
 
-__all__ = ["ControlledUNet", "TrainResult", "train"]
+__all__ = ["TrainResult", "train"]
 
 log = logging.getLogger("controlnext.train")
 
@@ -56,26 +57,6 @@ TRAINABLE_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.json"
 LOSS_HISTORY = 1000  # steps of loss kept in checkpoints (for the model card's final loss after a resume)
-
-
-class ControlledUNet(nn.Module):
-    """UNet + control module as one module (one DDP/FSDP wrapper); the module is attached for each call only."""
-
-    def __init__(self, unet: nn.Module, controlnext: ControlNeXtModel):
-        super().__init__()
-        self.unet = unet
-        self.controlnext = controlnext
-
-    def forward(self, sample, timestep, encoder_hidden_states, condition, added_cond_kwargs=None) -> torch.Tensor:
-        # cache_static=False: the encoder's timestep-independent prefix must be recomputed so gradients reach it.
-        with attached(self.unet, self.controlnext, conditions=condition, cache_static=False):
-            return self.unet(
-                sample,
-                timestep,
-                encoder_hidden_states=encoder_hidden_states,
-                added_cond_kwargs=added_cond_kwargs,
-                return_dict=False,
-            )[0]
 
 
 @dataclass
@@ -98,20 +79,6 @@ class _RunState:
     global_step: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     resume_key: dict = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------------ randomness
-def _sample_generators(seed: int, step: int, micro: int, first_position: int, count: int) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded by (seed, step, micro-step, position in the global batch)."""
-    gens = []
-    for i in range(count):
-        state = np.random.SeedSequence([seed, step, micro, first_position + i]).generate_state(2, dtype=np.uint32)
-        gens.append(torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
-    return gens
-
-
-def _randn(shape: tuple[int, ...], gens: list[torch.Generator], device, dtype) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
@@ -265,7 +232,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, gather_object
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel, compute_snr
+    from diffusers.training_utils import EMAModel
 
     cfg.validate()
     output_dir = Path(cfg.output_dir)
@@ -390,7 +357,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         num_cycles=cfg.lr_num_cycles,
         power=cfg.lr_power,
     )
-    model = ControlledUNet(unet, controlnext)
+    model = ControlledBackbone(unet, controlnext)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     trained_params = [p for g in groups for p in g["params"]]
     sharded = _sharded(accelerator)
@@ -510,26 +477,21 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     def loss_for(batch: dict, step: int, micro: int) -> torch.Tensor:
         pixels = batch["pixel_values"].to(device=device, dtype=base.vae.dtype)
         bsz = pixels.shape[0]
-        gens = _sample_generators(cfg.seed, step, micro, accelerator.process_index * cfg.train_batch_size, bsz)
+        gens = sample_generators(cfg.seed, step, micro, accelerator.process_index * cfg.train_batch_size, bsz)
         with torch.no_grad():
             dist = base.vae.encode(pixels).latent_dist
-            latents = dist.mean + dist.std * _randn(tuple(dist.mean.shape[1:]), gens, device, dist.mean.dtype)
+            latents = dist.mean + dist.std * randn(tuple(dist.mean.shape[1:]), gens, device, dist.mean.dtype)
             latents = ((latents - shift) * sf).to(weight_dtype)
-        noise = _randn(tuple(latents.shape[1:]), gens, device, latents.dtype)
+        noise = randn(tuple(latents.shape[1:]), gens, device, latents.dtype)
         if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * _randn((latents.shape[1], 1, 1), gens, device, latents.dtype)
+            noise = noise + cfg.noise_offset * randn((latents.shape[1], 1, 1), gens, device, latents.dtype)
         timesteps = torch.stack([torch.randint(0, num_t, (), generator=g) for g in gens]).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy, target = ddpm_inputs(noise_scheduler, latents, noise, timesteps, prediction_type)
         embeds, pooled = prompts(batch["captions"])
         added = fam.added_conditioning(pooled, batch["time_ids"].to(device=device, dtype=weight_dtype))
-        pred = model(noisy, timesteps, embeds, batch["conditioning"].to(device), added)
-        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-        if cfg.snr_gamma is None:
-            return F.mse_loss(pred.float(), target.float(), reduction="mean")
-        snr = compute_snr(noise_scheduler, timesteps)
-        weights = torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_sample * weights).mean()
+        pred = model(noisy, timesteps, encoder_hidden_states=embeds, condition=batch["conditioning"].to(device),
+                     added_cond_kwargs=added)  # fmt: skip
+        return ddpm_loss(pred, target, noise_scheduler, timesteps, prediction_type, cfg.snr_gamma)
 
     # ---- loop
     say(

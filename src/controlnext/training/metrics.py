@@ -11,9 +11,9 @@ the improvement that comes from the condition.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..inject import attached
+from .objectives import ddpm_inputs, ddpm_loss
 
 __all__ = ["control_effect"]
 
@@ -52,9 +52,7 @@ def control_effect(
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=gen).to(dev, latents.dtype)
             ts = torch.full((latents.shape[0],), int(t), device=dev, dtype=torch.long)
-            noisy = noise_scheduler.add_noise(latents, noise, ts)
-            pt = noise_scheduler.config.prediction_type
-            target = noise if pt == "epsilon" else noise_scheduler.get_velocity(latents, noise, ts)
+            noisy, target = ddpm_inputs(noise_scheduler, latents, noise, ts, noise_scheduler.config.prediction_type)
 
             for name, cond in (("own", conditions), ("swapped", swapped), ("none", None)):
                 if cond is None:
@@ -62,7 +60,7 @@ def control_effect(
                 else:
                     with attached(unet, controlnext, conditions=cond):
                         pred = unet(noisy, ts, prompt_embeds, added_cond_kwargs=added_cond_kwargs).sample
-                totals[name] += F.mse_loss(pred.float(), target.float()).item()
+                totals[name] += ddpm_loss(pred, target).item()
         out = {k: v / len(timesteps) for k, v in totals.items()}
         out["swap_gap"] = (out["swapped"] - out["own"]) / out["own"]
         return out

@@ -26,7 +26,6 @@ _LAZY = {
     "sample_sigmas": ".edm",
     "train_video": ".loop",
     "VideoTrainResult": ".loop",
-    "ControlledVideoUNet": ".loop",
 }
 
 __all__ = [

@@ -24,12 +24,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...inject import attached, injection_channels
+from ...inject import injection_channels
 from ...models.controlnext import ControlNeXtModel
 from ..checkpoint import (
     MANIFEST,
@@ -39,6 +38,7 @@ from ..checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
+from ..core import ControlledBackbone, randn, sample_generators
 from ..export import staged_outputs
 from ..guards import check_loss, check_mixed_precision, check_weights, warn_non_finite
 from ..trainable import apply_trainable, parameter_groups, select_unet_parameters
@@ -46,30 +46,13 @@ from .config import VideoTrainConfig
 from .data import StepBatchSampler, VideoPoseDataset, collate_video
 from .edm import edm_loss, edm_scalings, sample_sigmas
 
-__all__ = ["ControlledVideoUNet", "VideoTrainResult", "train_video"]
+__all__ = ["VideoTrainResult", "train_video"]
 
 log = logging.getLogger("controlnext.train.video")
 
 CONTROLNEXT_FILE = "controlnext.safetensors"
 UNET_FILE = "unet.safetensors"
 PROBE_STREAM = 2**40  # a "step" number no training step uses, for the probe batch's noise
-
-
-class ControlledVideoUNet(nn.Module):
-    """SVD UNet + control module as one module (one DDP wrapper); the module is attached for each call only."""
-
-    def __init__(self, unet: nn.Module, controlnext: ControlNeXtModel):
-        super().__init__()
-        self.unet = unet
-        self.controlnext = controlnext
-
-    def forward(self, sample, timestep, encoder_hidden_states, added_time_ids, condition) -> torch.Tensor:
-        # cache_static=False: the encoder's timestep-free prefix is recomputed so that gradients reach it.
-        with attached(self.unet, self.controlnext, conditions=condition, cache_static=False):
-            return self.unet(
-                sample, timestep, encoder_hidden_states=encoder_hidden_states, added_time_ids=added_time_ids,
-                return_dict=False,
-            )[0]  # fmt: skip
 
 
 @dataclass
@@ -84,18 +67,6 @@ class VideoTrainResult:
     unet_names: list[str]
     probe_losses: tuple[float, float] | None = None
     files: dict[str, str] = field(default_factory=dict)
-
-
-def _generators(seed: int, step: int, micro: int, first: int, count: int) -> list[torch.Generator]:
-    out = []
-    for i in range(count):
-        state = np.random.SeedSequence([seed, step, micro, first + i]).generate_state(2, dtype=np.uint32)
-        out.append(torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
-    return out
-
-
-def _randn(shape: tuple[int, ...], gens: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=like.device, dtype=like.dtype)
 
 
 def _make_controlnext(cfg: VideoTrainConfig, unet: nn.Module) -> ControlNeXtModel:
@@ -145,7 +116,8 @@ class _Batcher:
             latents = latents.reshape(b, f, *latents.shape[1:]).float()
             reference = batch["reference"].to(device, torch.float32)
             emb = self._embed(reference)
-            noisy_ref = reference + cfg.noise_aug_strength * _randn(reference.shape[1:], gens, reference)
+            aug = randn(reference.shape[1:], gens, reference.device, reference.dtype)
+            noisy_ref = reference + cfg.noise_aug_strength * aug
             cond = self.vae.encode(noisy_ref.to(self.dtype)).latent_dist.mode()
         if cfg.conditioning_dropout_prob > 0:
             u = torch.stack([torch.rand((), generator=g) for g in gens]).to(device)
@@ -155,14 +127,14 @@ class _Batcher:
             emb = emb * (u >= 2 * p).to(emb.dtype).view(b, 1, 1)
             cond = cond * (~((u >= p) & (u < 3 * p))).to(cond.dtype).view(b, 1, 1, 1)
         sigma = sample_sigmas(gens, cfg.noise_distribution).to(device)
-        noise = _randn(latents.shape[1:], gens, latents)
+        noise = randn(latents.shape[1:], gens, latents.device, latents.dtype)
         noisy = latents + noise * sigma.view(b, 1, 1, 1, 1)
         k = edm_scalings(sigma)
         inp = torch.cat([noisy * k.c_in, cond[:, None].expand(-1, f, -1, -1, -1).float()], dim=2)
         ids = torch.tensor([[cfg.fps - 1, cfg.motion_bucket_id, cfg.noise_aug_strength]], device=device).repeat(b, 1)
         pred = model(
-            inp.to(self.dtype), k.c_noise.to(self.dtype), emb.to(self.dtype), ids.to(self.dtype),
-            batch["pose"].to(device, self.dtype),
+            inp.to(self.dtype), k.c_noise.to(self.dtype), encoder_hidden_states=emb.to(self.dtype),
+            added_time_ids=ids.to(self.dtype), condition=batch["pose"].to(device, self.dtype),
         )  # fmt: skip
         return edm_loss(pred, noisy, latents, sigma)
 
@@ -245,7 +217,7 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * procs, num_training_steps=max_steps * procs
     )
-    model = ControlledVideoUNet(unet, controlnext)
+    model = ControlledBackbone(unet, controlnext)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     batcher = _Batcher(cfg, vae, image_encoder, base.feature_extractor, dtype)
 
@@ -281,7 +253,7 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
         batch = collate_video([dataset[(0, cfg.seed)]])
         model.eval()
         with torch.no_grad():
-            value = batcher.loss(model, batch, _generators(cfg.seed, PROBE_STREAM, 0, 0, 1)).item()
+            value = batcher.loss(model, batch, sample_generators(cfg.seed, PROBE_STREAM, 0, 0, 1)).item()
         model.train()
         return value
 
@@ -296,7 +268,7 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
     step_loss = 0.0
     for batch in loader:
         first = (micro * procs + accelerator.process_index) * cfg.train_batch_size
-        gens = _generators(cfg.seed, global_step, micro, first, batch["pixel_values"].shape[0])
+        gens = sample_generators(cfg.seed, global_step, micro, first, batch["pixel_values"].shape[0])
         with accelerator.accumulate(model):
             loss = batcher.loss(model, batch, gens)
             check_loss(loss, global_step + 1, last_good)
