@@ -322,13 +322,11 @@ def _on_generate(app, upload=None, **over):
     """``App.on_generate`` with the tiny model's settings, any of them overridden by name."""
     args = dict(
         preset=None, base=TINY, control=TINY, lora="", lora_weight=1.0, upload=upload, preprocessor="none",
-        low=100, high=200, per_channel=False, threshold=128, invert=False, scribble_mode="sketch", thickness=3,
-        segments=8, segment_source="photo", fit="crop", prompt="a red star", negative="", steps=2, guidance=3.0,
-        control_scale=1.0, control_start=0.0, control_end=1.0, seed=1, randomize=False, batch=1, width=64,
-        height=64,
+        options={}, fit="crop", prompt="a red star", negative="", steps=2, guidance=3.0, control_scale=1.0,
+        control_start=0.0, control_end=1.0, seed=1, randomize=False, batch=1, width=64, height=64,
     )  # fmt: skip
     args.update(over)
-    return app.on_generate(*args.values())
+    return app.on_generate(**args)
 
 
 class SlowUnet:
@@ -482,19 +480,27 @@ def _call(url: str, api_name: str, data: list, timeout: float = 60) -> tuple[str
     return kind, payload
 
 
-PREVIEW_OPTIONS = ["none", 100, 200, False, 128, False, "sketch", 3, 8, "photo", 64, 64, "crop"]
+def _api_data(app, api_name: str, **values) -> list:
+    """An event's positional API data from its fields by name; option widgets ("canny.low") default as registered."""
+    from controlnext.preprocess import REGISTRY
+
+    fields = {f"{name}.{o.name}": o.default for name, pre in REGISTRY.items() for o in pre.options} | values
+    return [fields[name] for name in app.api_inputs[api_name]]
 
 
-def _generate_data(upload, **over) -> list:
+def _preview_data(app, upload, **over) -> list:
+    return _api_data(app, "on_preview", **{"upload": upload, "preprocessor": "none", "width": 64, "height": 64,
+                                           "fit": "crop", **over})  # fmt: skip
+
+
+def _generate_data(app, upload, **over) -> list:
     args = dict(
         preset="tiny", base=TINY, control=TINY, lora="", lora_weight=1.0, upload=upload, preprocessor="none",
-        low=100, high=200, per_channel=False, threshold=128, invert=False, scribble_mode="sketch", thickness=3,
-        segments=8, segment_source="photo", fit="crop", prompt="a red star", negative="", steps=2, guidance=3.0,
-        control_scale=1.0, control_start=0.0, control_end=1.0, seed=1, randomize=False, batch=1, width=64,
-        height=64,
+        fit="crop", prompt="a red star", negative="", steps=2, guidance=3.0, control_scale=1.0, control_start=0.0,
+        control_end=1.0, seed=1, randomize=False, batch=1, width=64, height=64,
     )  # fmt: skip
     args.update(over)
-    return list(args.values())
+    return _api_data(app, "generate", **args)
 
 
 def _start(root, tiny_sd15_dir, **config):
@@ -572,8 +578,8 @@ def test_api_refuses_files_the_server_did_not_receive(api, tmp_path):
     numbers = [4, 2, 64, 64, 2, 2.0, 2.0, 7, 127, 0.02, 1.0, 1, 4, 2]
     for payload in named:
         # Image inputs: gradio passes a payload without its file marker through; the app refuses it.
-        assert _call(api.url, "on_preview", [payload, *PREVIEW_OPTIONS]) == ("error", REFUSED), payload
-        assert _call(api.url, "generate", _generate_data(payload)) == ("error", REFUSED), payload
+        assert _call(api.url, "on_preview", _preview_data(api.app, payload)) == ("error", REFUSED), payload
+        assert _call(api.url, "generate", _generate_data(api.app, payload)) == ("error", REFUSED), payload
         video = [payload, None, *numbers, False, "drawn poses"]
         assert _call(api.url, "generate_video", video) == ("error", REFUSED), payload
         # File inputs: gradio itself refuses a payload without the marker, before looking at the file.
@@ -581,7 +587,7 @@ def test_api_refuses_files_the_server_did_not_receive(api, tmp_path):
         assert kind == "error" and "'meta' field must be explicitly provided" in message, message
     # With gradio's own file marker gradio refuses it itself, with a text that does not depend on existence.
     for path in (private / "secret.png", missing):
-        kind, message = _call(api.url, "on_preview", [{"path": str(path), "meta": FILE_META}, *PREVIEW_OPTIONS])
+        kind, message = _call(api.url, "on_preview", _preview_data(api.app, {"path": str(path), "meta": FILE_META}))
         assert kind == "error" and "not uploaded" in message and "exist" not in message.lower()
     # Nothing of the private file was copied into the outputs folder or gradio's cache.
     assert not _contains_picture(api.outputs, pixels) and not _contains_picture(api.cache, pixels)
@@ -596,12 +602,12 @@ def test_api_happy_path_through_a_real_upload_and_cross_site_uploads_refused(api
     assert status == 200, body
     (path,) = json.loads(body)
     payload = {"path": path, "meta": FILE_META, "orig_name": "square.png"}
-    kind, preview = _call(api.url, "on_preview", [payload, *PREVIEW_OPTIONS])
+    kind, preview = _call(api.url, "on_preview", _preview_data(api.app, payload))
     assert kind == "complete", preview
     status, png = _http(preview[0]["url"])
     shown = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int32)
     assert status == 200 and np.abs(shown - np.asarray(square_condition())).mean() < 3  # gradio shows WebP
-    kind, outputs = _call(api.url, "generate", _generate_data(payload, seed=21))
+    kind, outputs = _call(api.url, "generate", _generate_data(api.app, payload, seed=21))
     assert kind == "complete", outputs
     gallery, files, info, seed = outputs
     assert seed == 21 and len(files) == 1 and "1 image(s)" in info
@@ -610,7 +616,7 @@ def test_api_happy_path_through_a_real_upload_and_cross_site_uploads_refused(api
     # A restored condition (a file the app put in its cache itself) is accepted too.
     kind, restored = _call(api.url, "on_load_settings", [_uploaded(api.url, result)])
     assert kind == "complete", restored
-    kind, preview = _call(api.url, "on_preview", [restored[4], *PREVIEW_OPTIONS])
+    kind, preview = _call(api.url, "on_preview", _preview_data(api.app, restored[4]))
     assert kind == "complete", preview
 
     # A page on another site (or a sandboxed frame, Origin "null") cannot upload or start events.
@@ -619,7 +625,7 @@ def test_api_happy_path_through_a_real_upload_and_cross_site_uploads_refused(api
     for origin in ("http://evil.example", "null", "http://127.0.0.1:1"):
         status, body = _upload(api.url, tmp_path / "cross.png", origin=origin)
         assert status == 403 and b"Cross-site" in body, (origin, status, body)
-        call = json.dumps({"data": [None, *PREVIEW_OPTIONS]}).encode()
+        call = json.dumps({"data": _preview_data(api.app, None)}).encode()
         status, _ = _http(f"{api.url}gradio_api/call/on_preview", call,
                           {"Content-Type": "application/json", "Origin": origin})  # fmt: skip
         assert status == 403
@@ -660,7 +666,7 @@ def test_upload_cache_is_deleted_and_then_refused(tmp_path, tiny_sd15_dir):
             while Path(payload["path"]).exists():
                 assert time.monotonic() < deadline, "the upload was not deleted from gradio's cache"
                 time.sleep(0.5)
-            kind, message = _call(url, "on_preview", [{"path": payload["path"]}, *PREVIEW_OPTIONS])
+            kind, message = _call(url, "on_preview", _preview_data(demo.controlnext_app, {"path": payload["path"]}))
             assert (kind, message) == ("error", REFUSED)
         finally:
             demo.close()
@@ -680,8 +686,8 @@ def test_dropped_request_frees_the_slot(api, tiny_loaded, tmp_path):
     host = urlsplit(api.url)
     session = uuid.uuid4().hex[:10]
     with SlowUnet(tiny_loaded.pipe, 0.25) as slow:  # 150 steps: about 40 s when nothing stops it
-        body = {"data": _generate_data(payload, steps=150, seed=31), "fn_index": fn_index, "session_hash": session,
-                "event_data": None, "trigger_id": None}  # fmt: skip
+        body = {"data": _generate_data(api.app, payload, steps=150, seed=31), "fn_index": fn_index,
+                "session_hash": session, "event_data": None, "trigger_id": None}  # fmt: skip
         status, joined = _http(f"{api.url}gradio_api/queue/join", json.dumps(body).encode(),
                                {"Content-Type": "application/json"})  # fmt: skip
         assert status == 200, joined
@@ -696,7 +702,7 @@ def test_dropped_request_frees_the_slot(api, tiny_loaded, tmp_path):
                 break
         stream.close()  # the page goes away
         t0 = time.monotonic()
-        kind, outputs = _call(api.url, "generate", _generate_data(payload, steps=2, seed=32), timeout=30)
+        kind, outputs = _call(api.url, "generate", _generate_data(api.app, payload, steps=2, seed=32), timeout=30)
         waited = time.monotonic() - t0
         calls = slow.calls
     assert kind == "complete", outputs
