@@ -747,3 +747,123 @@ def test_same_site_middleware_lets_only_this_servers_pages_post():
     for origin in ("http://evil.example", "null", "http://127.0.0.1:7861", "http://localhost:7860"):
         assert run("POST", origin=origin, **host) == 403, origin
     assert run("POST", sec_fetch_site="cross-site", **host) == 403
+
+
+# ---------------------------------------------------------------------- preprocessor options from the registry
+# The options the server sets itself (never a widget): model files from its settings, the pose canvas from the output
+# size, and no downloads from a page.
+SERVER_SET = {"pose": {"model_dir", "width", "height"}, "depth": {"model", "allow_download"}}
+
+
+def _other_value(opt):
+    """A valid value of ``opt`` other than its default."""
+    if opt.type is bool:
+        return not opt.default
+    if opt.choices:
+        return next(c for c in opt.choices if c != opt.default)
+    value = opt.high if opt.default != opt.high else opt.low
+    return opt.type(value)
+
+
+def _page_config(demo) -> dict:
+    config = demo.get_config_file() if hasattr(demo, "get_config_file") else demo.config
+    return {c["props"]["elem_id"]: c for c in config["components"] if c.get("props", {}).get("elem_id")}
+
+
+def test_every_registry_option_is_a_widget_or_server_set_and_reaches_the_preprocessor(api, tmp_path, monkeypatch):
+    import dataclasses
+
+    from controlnext.preprocess import REGISTRY
+
+    page = _page_config(api.demo)
+    for name, pre in REGISTRY.items():
+        for opt in pre.options:
+            elem_id = f"cnx-{name}-{opt.name.replace('_', '-')}"
+            if opt.name in SERVER_SET.get(name, ()):
+                assert elem_id not in page, elem_id
+                continue
+            assert not opt.path, (name, opt.name)  # a path option is never typed into the page
+            props = page[elem_id]["props"]
+            if opt.type is bool:
+                assert page[elem_id]["type"] == "checkbox", elem_id
+            elif opt.choices:
+                assert [c[1] for c in props["choices"]] == list(opt.choices), elem_id
+            else:
+                assert (props["minimum"], props["maximum"], props["step"]) == (opt.low, opt.high, opt.step), elem_id
+    choices = page["cnx-preprocessor"]["props"]["choices"]
+    assert [tuple(c) for c in choices] == [(p.label or p.name, p.name) for p in REGISTRY.values()]
+
+    # Every widget's value reaches the preprocessor function (through the HTTP API: the page's own path).
+    square_condition().save(tmp_path / "square.png")
+    payload = _uploaded(api.url, tmp_path / "square.png")
+    fixed = {"pose": {"model_dir": api.app.config.pose_models, "width": 64, "height": 64},
+             "depth": {"model": api.app.config.depth_model, "allow_download": False}}  # fmt: skip
+    seen = {}
+
+    def record(image, **options):
+        seen.update(options)
+        return Image.new("RGB", (64, 64))
+
+    for name, pre in REGISTRY.items():
+        seen.clear()
+        monkeypatch.setitem(REGISTRY, name, dataclasses.replace(pre, fn=record))
+        given = {o.name: _other_value(o) for o in pre.options if o.name not in SERVER_SET.get(name, ())}
+        widgets = {f"{name}.{k}": v for k, v in given.items()}
+        kind, out = _call(api.url, "on_preview", _preview_data(api.app, payload, preprocessor=name, **widgets))
+        assert kind == "complete", (name, out)
+        expected = {o.name: o.values.get(given[o.name], given[o.name]) for o in pre.options if o.name in given}
+        assert seen == expected | fixed.get(name, {}), name
+
+
+def test_bad_option_values_give_one_clear_message(api, tmp_path):
+    import gradio as gr
+
+    square_condition().save(tmp_path / "square.png")
+    payload = _uploaded(api.url, tmp_path / "square.png")
+    cases = [
+        ({"segment.segments": 1000}, "segment", "segment option 'segments' must lie in [1, 64], got 1000."),
+        ({"canny.low": float("nan")}, "canny", "canny option 'low' must be a finite number, got nan."),
+        ({"scribble.mode": "paint"}, "scribble", "scribble option 'mode' must be one of sketch, photo; got 'paint'."),
+    ]
+    for widgets, name, message in cases:
+        for api_name, data in (
+            ("on_preview", _preview_data(api.app, payload, preprocessor=name, **widgets)),
+            ("generate", _generate_data(api.app, payload, preprocessor=name, **widgets)),
+        ):
+            assert _call(api.url, api_name, data) == ("error", message), (api_name, widgets)
+    # A Python caller naming an option the server sets (a model folder) is refused too, with the page's options.
+    app = api.app
+    with pytest.raises(gr.Error, match=r"takes no option 'model_dir' from the page; its options here: min_score"):
+        _on_generate(app, preset="tiny", upload=str(_condition_file(tmp_path)), preprocessor="pose",
+                     options={"model_dir": "/etc"})  # fmt: skip
+    with pytest.raises(gr.Error) as err:
+        _on_generate(app, preset="tiny", upload=str(_condition_file(tmp_path)), preprocessor="canny",
+                     options={"high": float("nan")})  # fmt: skip
+    assert err.value.message == "canny option 'high' must be a finite number, got nan."
+
+
+def test_preset_and_png_restore_the_preprocessor_options(api, tmp_path):
+    from controlnext.preprocess import REGISTRY
+    from controlnext.web.app import App
+
+    app = api.app
+    options = {"mode": "photo", "threshold": 99, "thickness": 5, "invert": "yes"}
+    cond = _condition_file(tmp_path)
+    _, files, _, _ = _on_generate(app, preset="tiny", upload=str(cond), preprocessor="scribble", options=options)
+    assert read_settings(files[0])["preprocessor_options"] == options
+    restored = dict(zip(App.LOADED_FIELDS, app.on_load_settings(files[0])))
+    assert restored["preprocessor"] == "none" and restored["options"] == {"scribble": options}
+    # Through the page: "Load settings" fills the scribble widgets with the saved values.
+    kind, outputs = _call(api.url, "on_load_settings", [_uploaded(api.url, Path(files[0]))])
+    assert kind == "complete", outputs
+    widget_names = [n for n in app.api_inputs["on_preview"] if "." in n]
+    shown = dict(zip(widget_names, outputs[len(App.LOADED_FIELDS) - 1 :]))
+    assert {k: shown[f"scribble.{k}"] for k in options} == options
+    # A preset's options land in its preprocessor's widgets, the others at their defaults.
+    demo_like = ModelSpec("edges", TINY, TINY, preprocessor="canny", preprocessor_options=(("per_channel", True),))
+    app.presets["edges"] = demo_like
+    try:
+        preset = dict(zip(App.PRESET_FIELDS, app.on_preset("edges")))
+    finally:
+        del app.presets["edges"]
+    assert preset["options"] == {"canny": {**REGISTRY["canny"].defaults(), "per_channel": True}}

@@ -123,7 +123,7 @@ class App:
         # Per API name, the input fields in the order the HTTP API takes them (set by build_app): "preset", ...,
         # "<preprocessor>.<option>" for the option widgets.
         self.api_inputs: dict[str, list[str]] = {}
-        self.video: Any = None  # the video tab's VideoTab (set by build_app; None when the tab cannot run)
+        self.video: Any = None  # the video tab's VideoTab (set by build_app; None without the video pipeline)
 
     def show(self, ref: str | None) -> str:
         """The page's name for a model reference (typed references are shown as typed)."""

@@ -182,15 +182,15 @@ class VideoTab:
 
         if Path(video).suffix.lower() not in VIDEO_SUFFIXES:
             raise ValueError(f"Upload the pose video as {', '.join(VIDEO_SUFFIXES)}; got {Path(video).suffix or '?'}.")
+        missing = missing_modules(DWPOSE_MODULES) if settings.pose_source != "drawn poses" else []
+        if missing:
+            raise ValueError(_needs_extra("Extracting poses with DWPose", missing))
         try:
             clip = read_video(video, stride=settings.stride, max_frames=settings.frames)
         except Exception as err:  # imageio/ffmpeg raise many types for broken files
             raise ValueError(f"Cannot read the pose video: {str(err).splitlines()[0] if str(err) else err}") from None
         if settings.pose_source == "drawn poses":
             return [resize_and_center_crop(f, settings.width, settings.height) for f in clip.frames], clip.fps
-        missing = missing_modules(DWPOSE_MODULES)
-        if missing:
-            raise ValueError(_needs_extra("Extracting poses with DWPose", missing))
         from ..pose import DWPoseDetector, driving_poses
 
         detector = DWPoseDetector(getattr(self.config, "pose_models", None))
