@@ -867,3 +867,40 @@ def test_preset_and_png_restore_the_preprocessor_options(api, tmp_path):
     finally:
         del app.presets["edges"]
     assert preset["options"] == {"canny": {**REGISTRY["canny"].defaults(), "per_channel": True}}
+
+
+# ---------------------------------------------------------------------- the video tab without the video extra
+def test_video_tab_without_the_video_extra_says_what_to_install(tmp_path, monkeypatch):
+    """With only the `web` extra (imageio missing) the tab shows the install line instead of its form."""
+    import sys
+
+    import gradio as gr
+
+    from controlnext.web.app import WebConfig, build_app
+    from controlnext.web.video import VideoSettings
+
+    monkeypatch.setitem(sys.modules, "imageio", None)  # `import imageio` fails, as in a web-only install
+    demo = build_app(WebConfig(models=[ModelSpec("tiny", TINY, TINY)], outputs=tmp_path / "out"))
+    page = _page_config(demo)
+    note = page["cnx-video-note"]["props"]["value"]
+    assert 'pip install "controlnext[video]"' in note and "imageio" in note, note
+    # Nothing to upload to: the form's row is hidden.
+    reference = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "cnx-ref")
+    parents = []
+    block = reference
+    while block is not None:
+        parents.append(block)
+        block = getattr(block, "parent", None)
+    assert any(getattr(b, "visible", True) is False for b in parents)
+    # A request that gets past the page (the API) gets the same sentence, not a ModuleNotFoundError.
+    tab = demo.controlnext_app.video
+    square_condition().save(tmp_path / "ref.png")
+    (tmp_path / "poses.mp4").write_bytes(b"\0")
+    numbers = [4, 2, 64, 64, 2, 2.0, 2.0, 7, 127, 0.02, 1.0, 1, 4, 2]
+    with pytest.raises(gr.Error) as err:
+        tab.generate(str(tmp_path / "ref.png"), str(tmp_path / "poses.mp4"), *numbers, False, "drawn poses")
+    assert 'pip install "controlnext[video]"' in err.value.message and "imageio" in err.value.message
+    # DWPose (onnxruntime) is named the same way when it is the missing part.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ValueError, match=r"DWPose needs the `video` extra.*onnxruntime.*controlnext\[video\]"):
+        tab.pose_frames(str(tmp_path / "poses.mp4"), VideoSettings(pose_source="a person (DWPose)"), None)
