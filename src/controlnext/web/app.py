@@ -351,8 +351,10 @@ class App:
         return None
 
     def on_load_settings(self, png: Any):
-        """The form from a result PNG's metadata (:attr:`LOADED_FIELDS` order), with the condition when it is still
-        in the outputs folder."""
+        """The form from a result PNG's metadata (:attr:`LOADED_FIELDS` order), condition restored when it can be.
+
+        The condition comes back when it is still in the outputs folder with the recorded hash.
+        """
         try:
             png = self.uploads.path(png)
         except ValueError as err:
