@@ -322,13 +322,11 @@ def _on_generate(app, upload=None, **over):
     """``App.on_generate`` with the tiny model's settings, any of them overridden by name."""
     args = dict(
         preset=None, base=TINY, control=TINY, lora="", lora_weight=1.0, upload=upload, preprocessor="none",
-        low=100, high=200, per_channel=False, threshold=128, invert=False, scribble_mode="sketch", thickness=3,
-        segments=8, segment_source="photo", fit="crop", prompt="a red star", negative="", steps=2, guidance=3.0,
-        control_scale=1.0, control_start=0.0, control_end=1.0, seed=1, randomize=False, batch=1, width=64,
-        height=64,
+        options={}, fit="crop", prompt="a red star", negative="", steps=2, guidance=3.0, control_scale=1.0,
+        control_start=0.0, control_end=1.0, seed=1, randomize=False, batch=1, width=64, height=64,
     )  # fmt: skip
     args.update(over)
-    return app.on_generate(*args.values())
+    return app.on_generate(**args)
 
 
 class SlowUnet:
@@ -482,19 +480,27 @@ def _call(url: str, api_name: str, data: list, timeout: float = 60) -> tuple[str
     return kind, payload
 
 
-PREVIEW_OPTIONS = ["none", 100, 200, False, 128, False, "sketch", 3, 8, "photo", 64, 64, "crop"]
+def _api_data(app, api_name: str, **values) -> list:
+    """An event's positional API data from its fields by name; option widgets ("canny.low") default as registered."""
+    from controlnext.preprocess import REGISTRY
+
+    fields = {f"{name}.{o.name}": o.default for name, pre in REGISTRY.items() for o in pre.options} | values
+    return [fields[name] for name in app.api_inputs[api_name]]
 
 
-def _generate_data(upload, **over) -> list:
+def _preview_data(app, upload, **over) -> list:
+    return _api_data(app, "on_preview", **{"upload": upload, "preprocessor": "none", "width": 64, "height": 64,
+                                           "fit": "crop", **over})  # fmt: skip
+
+
+def _generate_data(app, upload, **over) -> list:
     args = dict(
         preset="tiny", base=TINY, control=TINY, lora="", lora_weight=1.0, upload=upload, preprocessor="none",
-        low=100, high=200, per_channel=False, threshold=128, invert=False, scribble_mode="sketch", thickness=3,
-        segments=8, segment_source="photo", fit="crop", prompt="a red star", negative="", steps=2, guidance=3.0,
-        control_scale=1.0, control_start=0.0, control_end=1.0, seed=1, randomize=False, batch=1, width=64,
-        height=64,
+        fit="crop", prompt="a red star", negative="", steps=2, guidance=3.0, control_scale=1.0, control_start=0.0,
+        control_end=1.0, seed=1, randomize=False, batch=1, width=64, height=64,
     )  # fmt: skip
     args.update(over)
-    return list(args.values())
+    return _api_data(app, "generate", **args)
 
 
 def _start(root, tiny_sd15_dir, **config):
@@ -572,8 +578,8 @@ def test_api_refuses_files_the_server_did_not_receive(api, tmp_path):
     numbers = [4, 2, 64, 64, 2, 2.0, 2.0, 7, 127, 0.02, 1.0, 1, 4, 2]
     for payload in named:
         # Image inputs: gradio passes a payload without its file marker through; the app refuses it.
-        assert _call(api.url, "on_preview", [payload, *PREVIEW_OPTIONS]) == ("error", REFUSED), payload
-        assert _call(api.url, "generate", _generate_data(payload)) == ("error", REFUSED), payload
+        assert _call(api.url, "on_preview", _preview_data(api.app, payload)) == ("error", REFUSED), payload
+        assert _call(api.url, "generate", _generate_data(api.app, payload)) == ("error", REFUSED), payload
         video = [payload, None, *numbers, False, "drawn poses"]
         assert _call(api.url, "generate_video", video) == ("error", REFUSED), payload
         # File inputs: gradio itself refuses a payload without the marker, before looking at the file.
@@ -581,7 +587,7 @@ def test_api_refuses_files_the_server_did_not_receive(api, tmp_path):
         assert kind == "error" and "'meta' field must be explicitly provided" in message, message
     # With gradio's own file marker gradio refuses it itself, with a text that does not depend on existence.
     for path in (private / "secret.png", missing):
-        kind, message = _call(api.url, "on_preview", [{"path": str(path), "meta": FILE_META}, *PREVIEW_OPTIONS])
+        kind, message = _call(api.url, "on_preview", _preview_data(api.app, {"path": str(path), "meta": FILE_META}))
         assert kind == "error" and "not uploaded" in message and "exist" not in message.lower()
     # Nothing of the private file was copied into the outputs folder or gradio's cache.
     assert not _contains_picture(api.outputs, pixels) and not _contains_picture(api.cache, pixels)
@@ -596,12 +602,12 @@ def test_api_happy_path_through_a_real_upload_and_cross_site_uploads_refused(api
     assert status == 200, body
     (path,) = json.loads(body)
     payload = {"path": path, "meta": FILE_META, "orig_name": "square.png"}
-    kind, preview = _call(api.url, "on_preview", [payload, *PREVIEW_OPTIONS])
+    kind, preview = _call(api.url, "on_preview", _preview_data(api.app, payload))
     assert kind == "complete", preview
     status, png = _http(preview[0]["url"])
     shown = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int32)
     assert status == 200 and np.abs(shown - np.asarray(square_condition())).mean() < 3  # gradio shows WebP
-    kind, outputs = _call(api.url, "generate", _generate_data(payload, seed=21))
+    kind, outputs = _call(api.url, "generate", _generate_data(api.app, payload, seed=21))
     assert kind == "complete", outputs
     gallery, files, info, seed = outputs
     assert seed == 21 and len(files) == 1 and "1 image(s)" in info
@@ -610,7 +616,7 @@ def test_api_happy_path_through_a_real_upload_and_cross_site_uploads_refused(api
     # A restored condition (a file the app put in its cache itself) is accepted too.
     kind, restored = _call(api.url, "on_load_settings", [_uploaded(api.url, result)])
     assert kind == "complete", restored
-    kind, preview = _call(api.url, "on_preview", [restored[4], *PREVIEW_OPTIONS])
+    kind, preview = _call(api.url, "on_preview", _preview_data(api.app, restored[4]))
     assert kind == "complete", preview
 
     # A page on another site (or a sandboxed frame, Origin "null") cannot upload or start events.
@@ -619,7 +625,7 @@ def test_api_happy_path_through_a_real_upload_and_cross_site_uploads_refused(api
     for origin in ("http://evil.example", "null", "http://127.0.0.1:1"):
         status, body = _upload(api.url, tmp_path / "cross.png", origin=origin)
         assert status == 403 and b"Cross-site" in body, (origin, status, body)
-        call = json.dumps({"data": [None, *PREVIEW_OPTIONS]}).encode()
+        call = json.dumps({"data": _preview_data(api.app, None)}).encode()
         status, _ = _http(f"{api.url}gradio_api/call/on_preview", call,
                           {"Content-Type": "application/json", "Origin": origin})  # fmt: skip
         assert status == 403
@@ -660,7 +666,7 @@ def test_upload_cache_is_deleted_and_then_refused(tmp_path, tiny_sd15_dir):
             while Path(payload["path"]).exists():
                 assert time.monotonic() < deadline, "the upload was not deleted from gradio's cache"
                 time.sleep(0.5)
-            kind, message = _call(url, "on_preview", [{"path": payload["path"]}, *PREVIEW_OPTIONS])
+            kind, message = _call(url, "on_preview", _preview_data(demo.controlnext_app, {"path": payload["path"]}))
             assert (kind, message) == ("error", REFUSED)
         finally:
             demo.close()
@@ -680,8 +686,8 @@ def test_dropped_request_frees_the_slot(api, tiny_loaded, tmp_path):
     host = urlsplit(api.url)
     session = uuid.uuid4().hex[:10]
     with SlowUnet(tiny_loaded.pipe, 0.25) as slow:  # 150 steps: about 40 s when nothing stops it
-        body = {"data": _generate_data(payload, steps=150, seed=31), "fn_index": fn_index, "session_hash": session,
-                "event_data": None, "trigger_id": None}  # fmt: skip
+        body = {"data": _generate_data(api.app, payload, steps=150, seed=31), "fn_index": fn_index,
+                "session_hash": session, "event_data": None, "trigger_id": None}  # fmt: skip
         status, joined = _http(f"{api.url}gradio_api/queue/join", json.dumps(body).encode(),
                                {"Content-Type": "application/json"})  # fmt: skip
         assert status == 200, joined
@@ -696,7 +702,7 @@ def test_dropped_request_frees_the_slot(api, tiny_loaded, tmp_path):
                 break
         stream.close()  # the page goes away
         t0 = time.monotonic()
-        kind, outputs = _call(api.url, "generate", _generate_data(payload, steps=2, seed=32), timeout=30)
+        kind, outputs = _call(api.url, "generate", _generate_data(api.app, payload, steps=2, seed=32), timeout=30)
         waited = time.monotonic() - t0
         calls = slow.calls
     assert kind == "complete", outputs
@@ -741,3 +747,160 @@ def test_same_site_middleware_lets_only_this_servers_pages_post():
     for origin in ("http://evil.example", "null", "http://127.0.0.1:7861", "http://localhost:7860"):
         assert run("POST", origin=origin, **host) == 403, origin
     assert run("POST", sec_fetch_site="cross-site", **host) == 403
+
+
+# ---------------------------------------------------------------------- preprocessor options from the registry
+# The options the server sets itself (never a widget): model files from its settings, the pose canvas from the output
+# size, and no downloads from a page.
+SERVER_SET = {"pose": {"model_dir", "width", "height"}, "depth": {"model", "allow_download"}}
+
+
+def _other_value(opt):
+    """A valid value of ``opt`` other than its default."""
+    if opt.type is bool:
+        return not opt.default
+    if opt.choices:
+        return next(c for c in opt.choices if c != opt.default)
+    value = opt.high if opt.default != opt.high else opt.low
+    return opt.type(value)
+
+
+def _page_config(demo) -> dict:
+    config = demo.get_config_file() if hasattr(demo, "get_config_file") else demo.config
+    return {c["props"]["elem_id"]: c for c in config["components"] if c.get("props", {}).get("elem_id")}
+
+
+def test_every_registry_option_is_a_widget_or_server_set_and_reaches_the_preprocessor(api, tmp_path, monkeypatch):
+    import dataclasses
+
+    from controlnext.preprocess import REGISTRY
+
+    page = _page_config(api.demo)
+    for name, pre in REGISTRY.items():
+        for opt in pre.options:
+            elem_id = f"cnx-{name}-{opt.name.replace('_', '-')}"
+            if opt.name in SERVER_SET.get(name, ()):
+                assert elem_id not in page, elem_id
+                continue
+            assert not opt.path, (name, opt.name)  # a path option is never typed into the page
+            props = page[elem_id]["props"]
+            if opt.type is bool:
+                assert page[elem_id]["type"] == "checkbox", elem_id
+            elif opt.choices:
+                assert [c[1] for c in props["choices"]] == list(opt.choices), elem_id
+            else:
+                assert (props["minimum"], props["maximum"], props["step"]) == (opt.low, opt.high, opt.step), elem_id
+    choices = page["cnx-preprocessor"]["props"]["choices"]
+    assert [tuple(c) for c in choices] == [(p.label or p.name, p.name) for p in REGISTRY.values()]
+
+    # Every widget's value reaches the preprocessor function (through the HTTP API: the page's own path).
+    square_condition().save(tmp_path / "square.png")
+    payload = _uploaded(api.url, tmp_path / "square.png")
+    fixed = {"pose": {"model_dir": api.app.config.pose_models, "width": 64, "height": 64},
+             "depth": {"model": api.app.config.depth_model, "allow_download": False}}  # fmt: skip
+    seen = {}
+
+    def record(image, **options):
+        seen.update(options)
+        return Image.new("RGB", (64, 64))
+
+    for name, pre in REGISTRY.items():
+        seen.clear()
+        monkeypatch.setitem(REGISTRY, name, dataclasses.replace(pre, fn=record))
+        given = {o.name: _other_value(o) for o in pre.options if o.name not in SERVER_SET.get(name, ())}
+        widgets = {f"{name}.{k}": v for k, v in given.items()}
+        kind, out = _call(api.url, "on_preview", _preview_data(api.app, payload, preprocessor=name, **widgets))
+        assert kind == "complete", (name, out)
+        expected = {o.name: o.values.get(given[o.name], given[o.name]) for o in pre.options if o.name in given}
+        assert seen == expected | fixed.get(name, {}), name
+
+
+def test_bad_option_values_give_one_clear_message(api, tmp_path):
+    import gradio as gr
+
+    square_condition().save(tmp_path / "square.png")
+    payload = _uploaded(api.url, tmp_path / "square.png")
+    cases = [
+        ({"segment.segments": 1000}, "segment", "segment option 'segments' must lie in [1, 64], got 1000."),
+        ({"canny.low": float("nan")}, "canny", "canny option 'low' must be a finite number, got nan."),
+        ({"scribble.mode": "paint"}, "scribble", "scribble option 'mode' must be one of sketch, photo; got 'paint'."),
+    ]
+    for widgets, name, message in cases:
+        for api_name, data in (
+            ("on_preview", _preview_data(api.app, payload, preprocessor=name, **widgets)),
+            ("generate", _generate_data(api.app, payload, preprocessor=name, **widgets)),
+        ):
+            assert _call(api.url, api_name, data) == ("error", message), (api_name, widgets)
+    # A Python caller naming an option the server sets (a model folder) is refused too, with the page's options.
+    app = api.app
+    with pytest.raises(gr.Error, match=r"takes no option 'model_dir' from the page; its options here: min_score"):
+        _on_generate(app, preset="tiny", upload=str(_condition_file(tmp_path)), preprocessor="pose",
+                     options={"model_dir": "/etc"})  # fmt: skip
+    with pytest.raises(gr.Error) as err:
+        _on_generate(app, preset="tiny", upload=str(_condition_file(tmp_path)), preprocessor="canny",
+                     options={"high": float("nan")})  # fmt: skip
+    assert err.value.message == "canny option 'high' must be a finite number, got nan."
+
+
+def test_preset_and_png_restore_the_preprocessor_options(api, tmp_path):
+    from controlnext.preprocess import REGISTRY
+    from controlnext.web.app import App
+
+    app = api.app
+    options = {"mode": "photo", "threshold": 99, "thickness": 5, "invert": "yes"}
+    cond = _condition_file(tmp_path)
+    _, files, _, _ = _on_generate(app, preset="tiny", upload=str(cond), preprocessor="scribble", options=options)
+    assert read_settings(files[0])["preprocessor_options"] == options
+    restored = dict(zip(App.LOADED_FIELDS, app.on_load_settings(files[0])))
+    assert restored["preprocessor"] == "none" and restored["options"] == {"scribble": options}
+    # Through the page: "Load settings" fills the scribble widgets with the saved values.
+    kind, outputs = _call(api.url, "on_load_settings", [_uploaded(api.url, Path(files[0]))])
+    assert kind == "complete", outputs
+    widget_names = [n for n in app.api_inputs["on_preview"] if "." in n]
+    shown = dict(zip(widget_names, outputs[len(App.LOADED_FIELDS) - 1 :]))
+    assert {k: shown[f"scribble.{k}"] for k in options} == options
+    # A preset's options land in its preprocessor's widgets, the others at their defaults.
+    demo_like = ModelSpec("edges", TINY, TINY, preprocessor="canny", preprocessor_options=(("per_channel", True),))
+    app.presets["edges"] = demo_like
+    try:
+        preset = dict(zip(App.PRESET_FIELDS, app.on_preset("edges")))
+    finally:
+        del app.presets["edges"]
+    assert preset["options"] == {"canny": {**REGISTRY["canny"].defaults(), "per_channel": True}}
+
+
+# ---------------------------------------------------------------------- the video tab without the video extra
+def test_video_tab_without_the_video_extra_says_what_to_install(tmp_path, monkeypatch):
+    """With only the `web` extra (imageio missing) the tab shows the install line instead of its form."""
+    import sys
+
+    import gradio as gr
+
+    from controlnext.web.app import WebConfig, build_app
+    from controlnext.web.video import VideoSettings
+
+    monkeypatch.setitem(sys.modules, "imageio", None)  # `import imageio` fails, as in a web-only install
+    demo = build_app(WebConfig(models=[ModelSpec("tiny", TINY, TINY)], outputs=tmp_path / "out"))
+    page = _page_config(demo)
+    note = page["cnx-video-note"]["props"]["value"]
+    assert 'pip install "controlnext[video]"' in note and "imageio" in note, note
+    # Nothing to upload to: the form's row is hidden.
+    reference = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "cnx-ref")
+    parents = []
+    block = reference
+    while block is not None:
+        parents.append(block)
+        block = getattr(block, "parent", None)
+    assert any(getattr(b, "visible", True) is False for b in parents)
+    # A request that gets past the page (the API) gets the same sentence, not a ModuleNotFoundError.
+    tab = demo.controlnext_app.video
+    square_condition().save(tmp_path / "ref.png")
+    (tmp_path / "poses.mp4").write_bytes(b"\0")
+    numbers = [4, 2, 64, 64, 2, 2.0, 2.0, 7, 127, 0.02, 1.0, 1, 4, 2]
+    with pytest.raises(gr.Error) as err:
+        tab.generate(str(tmp_path / "ref.png"), str(tmp_path / "poses.mp4"), *numbers, False, "drawn poses")
+    assert 'pip install "controlnext[video]"' in err.value.message and "imageio" in err.value.message
+    # DWPose (onnxruntime) is named the same way when it is the missing part.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ValueError, match=r"DWPose needs the `video` extra.*onnxruntime.*controlnext\[video\]"):
+        tab.pose_frames(str(tmp_path / "poses.mp4"), VideoSettings(pose_source="a person (DWPose)"), None)

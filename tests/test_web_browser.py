@@ -229,16 +229,22 @@ def test_browser_generate_follows_condition_and_errors_show_in_page(server):
 
 
 # ---------------------------------------------------------------------- the API (no browser needed)
-def _generate(client, **over):
+def _generate(server, client, **over):
+    """The generate API with its fields by name (low, high, per_channel: the canny widgets; others: defaults)."""
+    from controlnext.preprocess import REGISTRY
+
     args = dict(
         preset=None, base="tiny-random", control="tiny-random", lora="", lora_weight=1.0, upload=None,
-        preprocessor="canny", low=100, high=200, per_channel=False, threshold=128, invert=False,
-        scribble_mode="sketch", thickness=3, segments=8, segment_source="photo", fit="crop",
-        prompt="a red square", negative="", steps=2, guidance=3.0, control_scale=1.0, control_start=0.0,
-        control_end=1.0, seed=11, randomize=False, batch=1, width=64, height=64,
+        preprocessor="canny", low=100, high=200, per_channel=False, fit="crop", prompt="a red square", negative="",
+        steps=2, guidance=3.0, control_scale=1.0, control_start=0.0, control_end=1.0, seed=11, randomize=False,
+        batch=1, width=64, height=64,
     )  # fmt: skip
     args.update(over)
-    return client.predict(*args.values(), api_name="/generate")
+    for name in ("low", "high", "per_channel"):
+        args[f"canny.{name}"] = args.pop(name)
+    fields = {f"{name}.{o.name}": o.default for name, pre in REGISTRY.items() for o in pre.options} | args
+    order = server.demo.controlnext_app.api_inputs["generate"]
+    return client.predict(*[fields[name] for name in order], api_name="/generate")
 
 
 def test_server_api_errors_are_messages_and_server_keeps_serving(server):
@@ -263,12 +269,12 @@ def test_server_api_errors_are_messages_and_server_keeps_serving(server):
     ]
     for change, message in bad:
         with pytest.raises(AppError, match=message):
-            _generate(client, **{"upload": shape, "preset": preset, **change})
+            _generate(server, client, **{"upload": shape, "preset": preset, **change})
     with pytest.raises(Exception):  # noqa: B017 - the upload route refuses it before the app sees it
-        _generate(client, upload=handle_file(str(server.files / "heavy.png")), preset=preset)
+        _generate(server, client, upload=handle_file(str(server.files / "heavy.png")), preset=preset)
 
     t0 = time.perf_counter()
-    gallery, files, info, seed = _generate(client, upload=shape, preset=preset, batch=2, randomize=True)
+    gallery, files, info, seed = _generate(server, client, upload=shape, preset=preset, batch=2, randomize=True)
     assert len(gallery) == 3 and len(files) == 2 and "2 image(s)" in info
     seeds = [read_settings(f)["seed"] for f in files]
     assert seeds == [seed, seed + 1]

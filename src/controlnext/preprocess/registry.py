@@ -54,8 +54,8 @@ class Option:
         dashed = self.name.replace("_", "-")
         return f"--no-{dashed}" if self.type is bool and self.default is True else f"--{dashed}"
 
-    def check(self, value: Any, owner: str) -> Any:
-        """``value`` converted to the option's type and checked; returns what the function receives."""
+    def parse(self, value: Any, owner: str) -> Any:
+        """``value`` converted to the option's type and checked, as users give it (before ``values`` mapping)."""
         where = f"{owner} option {self.name!r}"
         if value is None and (self.default is None or self.path):
             return None
@@ -83,6 +83,11 @@ class Option:
             value = str(value)
         if self.choices and value not in self.choices:
             raise ValueError(f"{where} must be one of {', '.join(map(str, self.choices))}; got {value!r}.")
+        return value
+
+    def check(self, value: Any, owner: str) -> Any:
+        """``value`` parsed (:meth:`parse`) and mapped through ``values``: what the function receives."""
+        value = self.parse(value, owner)
         return self.values.get(value, value) if self.values else value
 
 
@@ -101,8 +106,11 @@ class Preprocessor:
         """Every option at its default, as users give them (before ``values`` mapping)."""
         return {o.name: o.default for o in self.options}
 
-    def check(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Defaults filled in, every value checked; an unknown option is an error naming the known ones."""
+    def parse(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults filled in, every value typed and checked, as users give them (``"auto"``, not ``None``).
+
+        An unknown option is an error naming the known ones.
+        """
         given = dict(options or {})
         known = {o.name: o for o in self.options}
         unknown = sorted(set(given) - set(known))
@@ -111,7 +119,11 @@ class Preprocessor:
                 f"Preprocessor {self.name!r} has no option {', '.join(map(repr, unknown))}; its options: "
                 f"{', '.join(known) or 'none'}."
             )
-        return {name: o.check(given.get(name, o.default), self.name) for name, o in known.items()}
+        return {name: o.parse(given.get(name, o.default), self.name) for name, o in known.items()}
+
+    def check(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """:meth:`parse`, then each value mapped through its option's ``values``: what the function receives."""
+        return {o.name: o.values.get(v, v) for o, v in zip(self.options, self.parse(options).values())}
 
     def run(self, image: ImageInput, options: Mapping[str, Any] | None = None) -> Image.Image:
         """Check ``options`` and run the preprocessor on ``image``."""

@@ -10,12 +10,13 @@ also ends a generation whose client left.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import json
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,31 +37,11 @@ from .models import (
     validate_control_ref,
     validate_lora_ref,
 )
+from .options import OptionWidgets, page_options, preprocessor_choices, server_options
 from .security import SameSiteMiddleware, UploadRecord, client_gone
 from .video import build_video_tab
 
 __all__ = ["WebConfig", "build_app", "launch", "is_local_host"]
-
-PREPROCESSOR_CHOICES = [
-    ("none (the upload is already a condition)", "none"),
-    ("canny edges", "canny"),
-    ("mask", "mask"),
-    ("scribble", "scribble"),
-    ("colour segmentation", "segment"),
-    ("pose (DWPose)", "pose"),
-    ("depth (estimate)", "depth"),
-    ("depth (uploaded depth map)", "depth-map"),
-]
-# Which option groups each preprocessor shows.
-OPTION_GROUPS = {
-    "canny": ("canny",),
-    "mask": ("threshold", "invert"),
-    "scribble": ("threshold", "scribble"),
-    "segment": ("segment",),
-    "depth": ("invert",),
-    "depth-map": ("invert",),
-}
-
 
 def is_local_host(host: str) -> bool:
     """True when ``host`` only accepts connections from this machine (loopback)."""
@@ -139,6 +120,10 @@ class App:
         # The page shows model references by name; the server maps the names back to the references.
         self.shown = shown_names(r for s in config.models for r in (s.base, s.controlnext, s.lora) if r)
         self.refs = {name: ref for ref, name in self.shown.items()}
+        # Per API name, the input fields in the order the HTTP API takes them (set by build_app): "preset", ...,
+        # "<preprocessor>.<option>" for the option widgets.
+        self.api_inputs: dict[str, list[str]] = {}
+        self.video: Any = None  # the video tab's VideoTab (set by build_app; None without the video pipeline)
 
     def show(self, ref: str | None) -> str:
         """The page's name for a model reference (typed references are shown as typed)."""
@@ -176,66 +161,61 @@ class App:
         lora_ref = validate_lora_ref(lora)
         return spec.with_refs(base, control_ref, lora_ref, float(lora_weight))
 
+    # What on_preset and on_load_settings return, in order; "options" is {preprocessor: {option: value}}.
+    PRESET_FIELDS = ("base", "control", "lora", "lora_weight", "preprocessor", "options", "width", "height", "steps",
+                     "guidance", "prompt", "preset_info")  # fmt: skip
+    LOADED_FIELDS = ("base", "control", "lora", "lora_weight", "upload", "preprocessor", "options", "width", "height",
+                     "prompt", "negative", "steps", "guidance", "control_scale", "control_start", "control_end", "seed",
+                     "randomize", "batch")  # fmt: skip
+
     @staticmethod
-    def options(
-        preprocessor: str,
-        low: float,
-        high: float,
-        per_channel: bool,
-        threshold: float,
-        invert: bool,
-        scribble_mode: str,
-        thickness: float,
-        segments: float,
-        segment_source: str,
-    ) -> dict[str, Any]:
-        """The keyword options of ``preprocessor`` from the option widgets."""
-        if preprocessor == "canny":
-            return {"low": float(low), "high": float(high), "per_channel": bool(per_channel)}
-        if preprocessor == "mask":
-            return {"threshold": float(threshold), "invert": bool(invert)}
-        if preprocessor == "scribble":
-            return {"mode": scribble_mode, "threshold": float(threshold), "thickness": int(thickness)}
-        if preprocessor == "segment":
-            return {"segments": int(segments), "source": segment_source}
-        if preprocessor in ("depth", "depth-map"):
-            return {"invert": bool(invert)}
-        return {}
+    def checked_options(preprocessor: Any, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Every page option of ``preprocessor``: ``options`` typed and checked, the others at their defaults.
+
+        The options the server sets (:func:`.options.server_options`: model files, downloads, the pose canvas) are
+        refused here, so no request can choose them.
+        """
+        pre = pp.get_preprocessor(preprocessor if isinstance(preprocessor, str) else repr(preprocessor))
+        allowed = [o.name for o in page_options(pre.name)]
+        given = dict(options or {})
+        extra = sorted(set(given) - set(allowed))
+        if extra:
+            raise ValueError(
+                f"Preprocessor {pre.name!r} takes no option {', '.join(map(repr, extra))} from the page; its options "
+                f"here: {', '.join(allowed) or 'none'}."
+            )
+        parsed = pre.parse(given)
+        return {name: parsed[name] for name in allowed}
 
     def condition(
-        self, upload: str | None, preprocessor: str, options: dict[str, Any], width: int, height: int, fit: str
-    ) -> Image.Image | None:
+        self, upload: str | None, preprocessor: str, options: Mapping[str, Any] | None, width: int, height: int,
+        fit: str,
+    ) -> Image.Image | None:  # fmt: skip
         """Load the upload, fit it to the output size and run the preprocessor (errors: one-line ValueErrors)."""
         upload = self.uploads.path(upload)
         if not upload:
             return None
-        if preprocessor not in pp.PREPROCESSORS:
-            raise ValueError(f"Unknown preprocessor {preprocessor!r}.")
+        options = self.checked_options(preprocessor, options)
         limits = self.config.limits
         for name, v in (("Width", width), ("Height", height)):
             if not (limits.min_side <= int(v) <= limits.max_side):
                 raise ValueError(f"{name} must be between {limits.min_side} and {limits.max_side} pixels, got {v}.")
         image = pp.fit_to_size(pp.to_pil(load_upload(upload, limits)), int(width), int(height), fit)
-        extra: dict[str, Any] = {}
-        if preprocessor == "pose":
-            extra = {"model_dir": self.config.pose_models}
-        elif preprocessor == "depth":
-            extra = {"model": self.config.depth_model}
-        return pp.preprocess(preprocessor, image, **options, **extra)
+        fixed = server_options(preprocessor, self.config, int(width), int(height))
+        return pp.get_preprocessor(preprocessor).run(image, {**options, **fixed})
 
     # ------------------------------------------------------------------ event handlers
     def on_preset(self, label: str):
+        """The form for preset ``label`` (in :attr:`PRESET_FIELDS` order)."""
         spec = self.preset(label)
-        opts = dict(spec.preprocessor_options)
+        options = self.checked_options(spec.preprocessor, dict(spec.preprocessor_options))
         return (
             gr.update(value=self.show(spec.base)),
             gr.update(value=self.show(spec.controlnext)),
             gr.update(value=self.show(spec.lora)),
             spec.lora_weight,
             spec.preprocessor,
-            opts.get("low", 100),
-            opts.get("high", 200),
-            bool(opts.get("per_channel", False)),
+            {spec.preprocessor: options},
             gr.update(**self.size_slider(spec, spec.width)),
             gr.update(**self.size_slider(spec, spec.height)),
             spec.steps,
@@ -246,25 +226,17 @@ class App:
 
     def on_preview(
         self,
-        upload,
-        preprocessor,
-        low,
-        high,
-        per_channel,
-        threshold,
-        invert,
-        mode,
-        thick,
-        segs,
-        src,
-        w,
-        h,
-        fit,
+        upload: Any,
+        preprocessor: str,
+        options: Mapping[str, Any] | None,
+        width: float,
+        height: float,
+        fit: str,
         request: gr.Request | None = None,
     ):
+        """The condition preview: the upload fitted to the output size, through the preprocessor."""
         try:
-            opts = self.options(preprocessor, low, high, per_channel, threshold, invert, mode, thick, segs, src)
-            return self.condition(upload, preprocessor, opts, w, h, fit)
+            return self.condition(upload, preprocessor, options, width, height, fit)
         except (ValueError, FileNotFoundError, OSError) as err:
             # The browser fires `change` twice for some refused uploads: show one message for the same failure.
             key = (getattr(request, "session_hash", None), str(upload), str(err))
@@ -284,15 +256,9 @@ class App:
         lora_weight: float,
         upload: str | None,
         preprocessor: str,
-        low: float,
-        high: float,
-        per_channel: bool,
-        threshold: float,
-        invert: bool,
-        scribble_mode: str,
-        thickness: float,
-        segments: float,
-        segment_source: str,
+        options: Mapping[str, Any] | None,
+        width: float,
+        height: float,
         fit: str,
         prompt: str,
         negative: str,
@@ -304,18 +270,14 @@ class App:
         seed: float,
         randomize: bool,
         batch: float,
-        width: float,
-        height: float,
         progress=gr.Progress(track_tqdm=True),
     ):
+        """Generate a batch from the form; ``options`` are the preprocessor's (see :meth:`checked_options`)."""
         started = time.monotonic()
         limits = self.config.limits
         try:
             spec = self._resolve_spec(preset, base, control, lora, lora_weight)
-            opts = self.options(
-                preprocessor, low, high, per_channel, threshold, invert, scribble_mode, thickness, segments,
-                segment_source,
-            )  # fmt: skip
+            opts = self.checked_options(preprocessor, options)
             settings = GenerationSettings(
                 prompt=prompt or "",
                 negative_prompt=negative or "",
@@ -389,7 +351,10 @@ class App:
         return None
 
     def on_load_settings(self, png: Any):
-        """Fill the form from a result PNG's metadata; restores the condition when it is in the outputs folder."""
+        """The form from a result PNG's metadata (:attr:`LOADED_FIELDS` order), condition restored when it can be.
+
+        The condition comes back when it is still in the outputs folder with the recorded hash.
+        """
         try:
             png = self.uploads.path(png)
         except ValueError as err:
@@ -400,6 +365,7 @@ class App:
             load_upload(png, self.config.limits)
             data = read_settings(png)
             s = GenerationSettings.from_json(data)
+            options = self.checked_options(s.preprocessor, s.preprocessor_options)
         except (ValueError, OSError, TypeError) as err:
             raise user_error(err, "Reproduce") from None
         condition = self._find_condition(data.get("condition_file"), data.get("condition_sha256"))
@@ -409,18 +375,16 @@ class App:
             else "Settings loaded; upload the condition image again (it is not in the outputs folder)."
         )
         gr.Info(note)
-        preprocessor = "none" if condition else s.preprocessor
-        opts = s.preprocessor_options
-        return (
+        return (  # in LOADED_FIELDS order; the saved options fill their preprocessor's widgets even when it is "none"
             gr.update(value=self.show(s.base)),
             gr.update(value=self.show(s.controlnext)),
             gr.update(value=self.show(s.lora)),
             s.lora_weight,
             gr.update(value=condition) if condition else gr.update(),
-            preprocessor,
-            opts.get("low", 100),
-            opts.get("high", 200),
-            bool(opts.get("per_channel", False)),
+            "none" if condition else s.preprocessor,
+            {s.preprocessor: options},
+            s.width,
+            s.height,
             s.prompt,
             s.negative_prompt,
             s.steps,
@@ -431,8 +395,6 @@ class App:
             s.seed,
             False,
             s.batch_size,
-            s.width,
-            s.height,
         )
 
     def _find_condition(self, name: Any, sha: Any) -> str | None:
@@ -455,9 +417,9 @@ def _whole(value: float, name: str) -> int:
     return int(float(value))
 
 
-def _option_visibility(preprocessor: str):
-    shown = OPTION_GROUPS.get(preprocessor, ())
-    return [gr.update(visible=g in shown) for g in ("canny", "threshold", "invert", "scribble", "segment")]
+def _parameters(handler: Callable) -> list[str]:
+    """The form fields an App handler takes: its parameters, less the ones gradio fills (request, progress)."""
+    return [n for n in inspect.signature(handler).parameters if n not in ("request", "progress")]
 
 
 CSS = """
@@ -472,7 +434,6 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
     app = App(config)
     limits = config.limits
     first = config.models[0]
-    first_opts = dict(first.preprocessor_options)
     custom = config.custom_models
     model_choices = list(dict.fromkeys(app.show(s.base) for s in config.models))
     control_choices = list(dict.fromkeys([*(app.show(s.controlnext) for s in config.models), ""]))
@@ -527,33 +488,11 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
                             label="Condition preview", interactive=False, elem_id="cnx-preview", height=256
                         )
                     preprocessor = gr.Dropdown(
-                        choices=PREPROCESSOR_CHOICES, value=first.preprocessor, label="Preprocessor",
+                        choices=preprocessor_choices(), value=first.preprocessor, label="Preprocessor",
                         elem_id="cnx-preprocessor",
                     )  # fmt: skip
                     fit = gr.Radio(["crop", "pad", "stretch"], value="crop", label="Fit the upload to the size by")
-                    with gr.Group(visible=first.preprocessor == "canny") as g_canny:
-                        with gr.Row():
-                            low = gr.Slider(
-                                0, 500, value=first_opts.get("low", 100), step=1, label="Canny low",
-                                elem_id="cnx-canny-low",
-                            )  # fmt: skip
-                            high = gr.Slider(
-                                0, 500, value=first_opts.get("high", 200), step=1, label="Canny high",
-                                elem_id="cnx-canny-high",
-                            )  # fmt: skip
-                        per_channel = gr.Checkbox(
-                            value=bool(first_opts.get("per_channel", False)), label="Edges per colour channel"
-                        )
-                    with gr.Group(visible="threshold" in OPTION_GROUPS.get(first.preprocessor, ())) as g_threshold:
-                        threshold = gr.Slider(0, 255, value=128, step=1, label="Threshold")
-                    with gr.Group(visible="invert" in OPTION_GROUPS.get(first.preprocessor, ())) as g_invert:
-                        invert = gr.Checkbox(value=False, label="Invert")
-                    with gr.Group(visible=first.preprocessor == "scribble") as g_scribble:
-                        scribble_mode = gr.Radio(["sketch", "photo"], value="sketch", label="Scribble from")
-                        thickness = gr.Slider(1, 15, value=3, step=1, label="Stroke width")
-                    with gr.Group(visible=first.preprocessor == "segment") as g_segment:
-                        segments = gr.Slider(2, 32, value=8, step=1, label="Regions")
-                        segment_source = gr.Radio(["photo", "map"], value="photo", label="Segment a")
+                    widgets = OptionWidgets(first.preprocessor, dict(first.preprocessor_options))
                     prompt = gr.Textbox(value=first.prompt, label="Prompt", lines=2, elem_id="cnx-prompt")
                     negative = gr.Textbox(value="", label="Negative prompt", lines=1)
                     with gr.Row():
@@ -604,88 +543,74 @@ def build_app(config: WebConfig | None = None) -> gr.Blocks:
                         "generation runs at a time; others wait in the queue."
                     )
         with gr.Tab("Video"):
-            build_video_tab(config, app.uploads, app.stop_reason)
+            app.video = build_video_tab(config, app.uploads, app.stop_reason)
 
-        option_inputs = [low, high, per_channel, threshold, invert, scribble_mode, thickness, segments, segment_source]
-        preview_inputs = [upload, preprocessor, *option_inputs, width, height, fit]
+        # Events pass the App handlers their parameters by name: gradio gives each event one {component: value}
+        # dict (set inputs), and the handler's "options" parameter gets the selected preprocessor's option widgets.
+        fields = dict(preset=preset, preset_info=preset_info, base=base, control=control, lora=lora,
+                      lora_weight=lora_weight, upload=upload, preprocessor=preprocessor, fit=fit, prompt=prompt,
+                      negative=negative, steps=steps, guidance=guidance, control_scale=control_scale,
+                      control_start=control_start, control_end=control_end, seed=seed, randomize=randomize,
+                      batch=batch, width=width, height=height)  # fmt: skip
+        names = {c: n for n, c in fields.items()} | widgets.names()
+
+        def inputs(handler: Callable) -> set:  # for the handlers that take options
+            return {fields[n] for n in _parameters(handler) if n != "options"} | set(widgets.components)
+
+        def arguments(handler: Callable, data: dict) -> dict[str, Any]:
+            kwargs = {n: data[fields[n]] for n in _parameters(handler) if n != "options"}
+            return kwargs | {"options": widgets.options(kwargs["preprocessor"], data)}
+
+        def outputs(order: tuple[str, ...]) -> list:
+            return [fields[n] for n in order if n != "options"] + widgets.components
+
+        def returned(order: tuple[str, ...], values: tuple) -> dict:
+            named = dict(zip(order, values, strict=True))
+            return {fields[n]: v for n, v in named.items() if n != "options"} | widgets.updates(named["options"])
+
+        # The closures keep the handlers' names: they are the events' API names.
+        def on_preview(data: dict, request: gr.Request | None = None):
+            return app.on_preview(**arguments(app.on_preview, data), request=request)
+
+        def on_generate(data: dict, progress=gr.Progress(track_tqdm=True)):
+            return app.on_generate(**arguments(app.on_generate, data), progress=progress)
+
+        def on_preset(label: str):
+            return returned(App.PRESET_FIELDS, app.on_preset(label))
+
+        def on_load_settings(png: Any):
+            return returned(App.LOADED_FIELDS, app.on_load_settings(png))
+
         preview_kwargs = dict(
-            fn=app.on_preview,
+            fn=on_preview,
             preprocess=False,  # uploads are checked (UploadRecord) and decoded by the app itself
-            inputs=preview_inputs,
+            inputs=inputs(app.on_preview),
             outputs=preview,
             concurrency_limit=2,
             concurrency_id="preview",
             trigger_mode="always_last",
             show_progress="minimal",
         )
-        # `change` also fires when "Load settings" restores the condition, and clears the preview on removal.
-        for comp in (upload, preprocessor, per_channel, invert, scribble_mode, segment_source, fit):
-            comp.change(**preview_kwargs)
-        for comp in (low, high, threshold, thickness, segments, width, height):
-            comp.release(**preview_kwargs)
-        preprocessor.change(
-            _option_visibility, preprocessor, [g_canny, g_threshold, g_invert, g_scribble, g_segment], queue=False
-        )
-        preset.change(
-            app.on_preset,
-            preset,
-            [
-                base,
-                control,
-                lora,
-                lora_weight,
-                preprocessor,
-                low,
-                high,
-                per_channel,
-                width,
-                height,
-                steps,
-                guidance,
-                prompt,
-                preset_info,
-            ],  # fmt: skip
-        )
-        # The generation settings, in the order on_generate and on_load_settings take and return them.
-        settings = [prompt, negative, steps, guidance, control_scale, control_start, control_end,
-                    seed, randomize, batch, width, height]  # fmt: skip
+        # `change` also fires when "Load settings" restores the condition, and clears the preview on removal;
+        # sliders update the preview when they are let go.
+        for comp in (upload, preprocessor, fit, *widgets.components, width, height):
+            (comp.release if isinstance(comp, gr.Slider) else comp.change)(**preview_kwargs)
+        preprocessor.change(widgets.visibility, preprocessor, list(widgets.groups.values()), queue=False)
+        preset.change(on_preset, preset, outputs(App.PRESET_FIELDS))
         run.click(
-            app.on_generate,
-            [
-                preset,
-                base,
-                control,
-                lora,
-                lora_weight,
-                upload,
-                preprocessor,
-                *option_inputs,
-                fit,
-                *settings,
-            ],  # fmt: skip
+            on_generate,
+            inputs(app.on_generate),
             [gallery, files, info, seed],
             concurrency_limit=1,
             concurrency_id="generate",
             api_name="generate",
             preprocess=False,
         )
-        load_settings.click(
-            app.on_load_settings,
-            settings_png,
-            [
-                base,
-                control,
-                lora,
-                lora_weight,
-                upload,
-                preprocessor,
-                low,
-                high,
-                per_channel,
-                *settings,
-            ],  # fmt: skip
-            preprocess=False,
-        )
+        load_settings.click(on_load_settings, settings_png, outputs(App.LOADED_FIELDS), preprocess=False)
+        app.api_inputs = {
+            api: [names[c] for c in sorted(inputs(handler), key=lambda c: c._id)]  # gradio's order for set inputs
+            for api, handler in (("on_preview", app.on_preview), ("generate", app.on_generate))
+        }
     demo.queue(max_size=config.queue_size, default_concurrency_limit=1)
     app.uploads.bind(demo)
     demo.controlnext_app = app  # for tests and embedding

@@ -24,10 +24,45 @@ from .generation import GenerationStopped
 from .limits import user_error
 from .security import UploadRecord
 
-__all__ = ["TINY_SVD", "VideoSpec", "VideoSettings", "video_available", "build_video_tab", "load_video_pipeline"]
+__all__ = [
+    "TINY_SVD",
+    "VideoSpec",
+    "VideoSettings",
+    "build_video_tab",
+    "load_video_pipeline",
+    "missing_modules",
+    "video_available",
+]
 
 TINY_SVD = "tiny-random-svd"
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif")
+
+
+# What the tab needs beyond the `web` extra, all from the `video` extra: MP4 reading and writing, and DWPose.
+VIDEO_EXTRA = 'pip install "controlnext[video]"'
+VIDEO_MODULES = ("imageio", "imageio_ffmpeg")
+DWPOSE_MODULES = ("onnxruntime",)
+
+
+def missing_modules(names: tuple[str, ...] = VIDEO_MODULES) -> list[str]:
+    """The modules of ``names`` that cannot be imported here (looked up, not imported)."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _needs_extra(what: str, missing: list[str]) -> str:
+    names = ", ".join(m.replace("_", "-") for m in missing)
+    return (
+        f"{what} needs the `video` extra, which is not installed here (missing: {names}). Install it with "
+        f"`{VIDEO_EXTRA}` and restart the app."
+    )
 
 
 def video_available() -> bool:
@@ -134,6 +169,7 @@ class VideoTab:
         self.max_frames: int = getattr(config, "max_video_frames", 64)
         self._pipe = None
         self._lock = threading.Lock()
+        self.missing = missing_modules()  # the tab says so, and refuses to run, while any is missing
 
     def pipe(self):
         with self._lock:
@@ -146,6 +182,9 @@ class VideoTab:
 
         if Path(video).suffix.lower() not in VIDEO_SUFFIXES:
             raise ValueError(f"Upload the pose video as {', '.join(VIDEO_SUFFIXES)}; got {Path(video).suffix or '?'}.")
+        missing = missing_modules(DWPOSE_MODULES) if settings.pose_source != "drawn poses" else []
+        if missing:
+            raise ValueError(_needs_extra("Extracting poses with DWPose", missing))
         try:
             clip = read_video(video, stride=settings.stride, max_frames=settings.frames)
         except Exception as err:  # imageio/ffmpeg raise many types for broken files
@@ -169,6 +208,8 @@ class VideoTab:
         started = time.monotonic()
         try:
             reference_path, video = self.uploads.path(reference), self.uploads.path(video)
+            if self.missing:
+                raise ValueError(_needs_extra("The Video tab", self.missing))
             if not reference_path:
                 raise ValueError("Upload a reference image.")
             if not video:
@@ -238,11 +279,12 @@ class VideoTab:
 
 def build_video_tab(
     config: Any, uploads: UploadRecord | None = None, stop_reason: Callable[[float], str | None] | None = None
-) -> None:
-    """Fill the current ``gr.Tab`` with the video UI, or with a note saying what it needs.
+) -> VideoTab | None:
+    """Fill the current ``gr.Tab`` with the video UI, or with a note saying what it needs; returns its state.
 
     ``uploads`` decides which files its events may read and ``stop_reason(started)`` when a clip must stop (the
-    image tab's, so both tabs share one policy).
+    image tab's, so both tabs share one policy). Without the `video` extra the tab shows only the note saying how
+    to install it (its form is hidden, so nothing can be uploaded; the API answers with the same note).
     """
     if not video_available():
         gr.Markdown(
@@ -254,13 +296,15 @@ def build_video_tab(
 
     tab = VideoTab(config, uploads, stop_reason)
     spec = tab.spec
-    gr.Markdown(
-        f"Animate a reference image with a pose video. Model: **{spec.label}**. "
-        "The pose video holds drawn poses (white-on-black skeletons), or shows a person whose poses DWPose extracts "
-        "(needs `--pose-models`).",
-        elem_id="cnx-video-note",
-    )
-    with gr.Row():
+    if tab.missing:
+        note = _needs_extra("**The Video tab**", tab.missing)
+    else:
+        note = (
+            f"Animate a reference image with a pose video. Model: **{spec.label}**. The pose video holds drawn "
+            "poses (white-on-black skeletons), or shows a person whose poses DWPose extracts (needs `--pose-models`)."
+        )
+    gr.Markdown(note, elem_id="cnx-video-note")
+    with gr.Row(visible=not tab.missing):
         with gr.Column():
             with gr.Row():
                 reference = gr.Image(type="filepath", label="Reference image", height=220, elem_id="cnx-ref")
@@ -307,3 +351,4 @@ def build_video_tab(
         api_name="generate_video",
         preprocess=False,  # uploads are decoded by the tab itself (clear messages for non-images)
     )
+    return tab
