@@ -156,8 +156,9 @@ class DemoResult:
             "fidelity": {
                 "with_control": round(self.with_control, 4),
                 "without_control": round(self.without_control, 4),
-                "ceiling": round(self.ceiling, 4),
             },
+            # The same metric on VAE round trips of the ground truth: the best a model with this VAE can score.
+            "ceiling": round(self.ceiling, 4),
             "seconds": round(self.seconds, 2),
             "condition": self.condition,
             "metric": "mask IoU" if self.condition == "mask" else "edge F1 (2 px tolerance)",
