@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MAX_SIDE = 4096  # --size, per side (the largest output `generate` makes)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -74,14 +75,12 @@ def _parse_size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size must look like 512x768 (width x height), got {text!r}.") from None
-    if w <= 0 or h <= 0:
-        raise ValueError(f"--size must be positive, got {text!r}.")
+    if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
+        raise ValueError(f"--size must be between 1x1 and {MAX_SIDE}x{MAX_SIDE}, got {text!r}.")
     return w, h
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import preprocess as pp
-
     src = Path(args.input)
     if not src.is_file():
         raise FileNotFoundError(f"Input not found: {src}")
@@ -89,11 +88,24 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"Output must be an image file ({', '.join(IMAGE_SUFFIXES)}), got {out.name!r}.")
 
+    try:
+        result = _make(args, src)
+    except MemoryError:
+        raise ValueError(f"Out of memory making the {args.kind} map of {src.name}; use a smaller --size.") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.save(out)
+    print(f"wrote {out} ({result.width}x{result.height}, {args.kind})")
+    return 0
+
+
+def _make(args: argparse.Namespace, src: Path):
+    from .. import preprocess as pp
+
     is_keypoints = args.kind == "pose" and src.suffix.lower() == ".json"
+    size = _parse_size(args.size) if args.size else None
     image = None if is_keypoints else pp.open_image(src)
-    if image is not None and args.size:
-        w, h = _parse_size(args.size)
-        image = pp.fit_to_size(pp.to_pil(image), w, h)
+    if image is not None and size:
+        image = pp.fit_to_size(pp.to_pil(image), *size)
 
     if args.kind == "canny":
         result = pp.canny(image, args.low, args.high, blur=args.blur, per_channel=args.per_channel)
@@ -105,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.kind == "segment":
         result = pp.segment(image, args.segments, args.smoothing, args.source, args.seed)
     elif args.kind == "pose":
-        size = _parse_size(args.size) if (is_keypoints and args.size) else (args.width, args.height)
+        size = size if (is_keypoints and size) else (args.width, args.height)
         result = pp.pose(
             src if is_keypoints else image,
             model_dir=args.pose_models,
@@ -122,8 +134,4 @@ def run(args: argparse.Namespace) -> int:
             result = pp.depth(image, args.depth_model, invert=args.invert, allow_download=args.allow_download)
     else:  # argparse restricts the choices; kept for type checkers
         raise ValueError(f"Unknown preprocessor {args.kind!r}.")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.save(out)
-    print(f"wrote {out} ({result.width}x{result.height}, {args.kind})")
-    return 0
+    return result
