@@ -37,15 +37,14 @@ STOCK_SIZE_MULTIPLE = 8
 LOADER_MODULE = "controlnext_pipeline"
 
 
-def check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+def check_number(name: str, value: Any, low: float, high: float) -> float:
     """``value`` as a float; a ValueError naming ``name`` unless it is a finite number in [``low``, ``high``]."""
     try:
         number = float(value)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{name} must be a number, got {value!r}.") from None
-    if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
-        bounds = "" if low is None and high is None else f" in [{low}, {high}]"
-        raise ValueError(f"{name} must be a finite number{bounds}, got {value!r}.")
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}.")
     return number
 
 
