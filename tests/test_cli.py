@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from controlnext.cli import main
 from controlnext.loading import save_controlnext_file
@@ -187,3 +188,29 @@ def test_generate_on_the_demo_model_rounds_the_condition_size_to_what_diffusers_
     out = tmp_path / "out.png"
     assert main(_generate_args(root / "base", root / "edges" / "controlnext.safetensors", cond, out)) == 0
     assert PIL.Image.open(out).size == expected
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10000000000 bytes."),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB"),
+        RuntimeError("an unrelated failure"),
+    ],
+)
+def test_generate_out_of_memory_is_one_line(tiny_sd15_dir, tmp_path, condition, capsys, monkeypatch, error):
+    from controlnext.pipelines import StableDiffusionControlNeXtPipeline
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(StableDiffusionControlNeXtPipeline, "__call__", fail)
+    module = save_controlnext_file(tiny_controlnext("sd15-training"), tmp_path / "cn.safetensors")
+    argv = _generate_args(tiny_sd15_dir, module, condition, tmp_path / "out.png")
+    if "unrelated" in str(error):  # only memory errors are turned into a message
+        with pytest.raises(RuntimeError, match="unrelated"):
+            main(argv)
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "out of memory on cpu: lower --num-images or --height/--width" in err and "Traceback" not in err
