@@ -408,3 +408,15 @@ def test_cli_segment_refuses_huge_sizes_and_non_images(tmp_path, capsys):
         assert main(["preprocess", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_cli_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    Image.fromarray(square()).save(tmp_path / "in.png")
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(pp, "segment", exhausted)
+    assert main(["preprocess", "segment", str(tmp_path / "in.png"), "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Out of memory making the segment map of in.png; give a smaller --size" in err and "Traceback" not in err

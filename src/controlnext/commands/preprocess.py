@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = _make(args, src)
     except MemoryError:
-        raise ValueError(f"Out of memory making the {args.kind} map of {src.name}; use a smaller --size.") from None
+        raise ValueError(f"Out of memory making the {args.kind} map of {src.name}; give a smaller --size.") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     print(f"wrote {out} ({result.width}x{result.height}, {args.kind})")
