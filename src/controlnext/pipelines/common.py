@@ -152,15 +152,14 @@ class ControlNeXtPipelineMixin:
         )
 
     @classmethod
-    def load_config(cls, *args: Any, **kwargs: Any):
-        """Read a config; a ControlNeXt folder's ``[LOADER_MODULE, class]`` name reads as the class itself, so that
-        loading through this class never runs the folder's loader file."""
-        out = super().load_config(*args, **kwargs)
-        config = out[0] if isinstance(out, tuple) else out
+    def _dict_from_json_file(cls, json_file: str | Path) -> dict:
+        """Read a config file; a ControlNeXt folder's ``[LOADER_MODULE, class]`` reads as the class itself, so that
+        loading through this class (from a folder or the hub) never runs the folder's loader file."""
+        config = super()._dict_from_json_file(json_file)
         name = config.get("_class_name")
-        if isinstance(name, (list, tuple)) and len(name) == 2 and name[0] == LOADER_MODULE:
+        if isinstance(name, list) and len(name) == 2 and name[0] == LOADER_MODULE:
             config["_class_name"] = name[1]
-        return out
+        return config
 
     # ------------------------------------------------------------------ modules
     @property
