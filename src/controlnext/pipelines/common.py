@@ -76,7 +76,7 @@ class MultiControlNeXtModel(ModelMixin, ConfigMixin):
         Folders of the earlier layout (one ``module_N`` sub-folder per module, no ``config.json``) load too, each
         module with the same arguments.
         """
-        root = Path(pretrained_model_name_or_path) / kwargs.get("subfolder", "")
+        root = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
         legacy = [p for p in root.glob("module_*") if p.is_dir() and p.name[7:].isdigit()]
         legacy.sort(key=lambda p: int(p.name[7:]))
         if legacy and not (root / cls.config_name).is_file():
