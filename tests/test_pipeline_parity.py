@@ -376,3 +376,14 @@ def test_a_saved_pipeline_loads_through_diffusion_pipeline(components, tmp_path,
         assert type(loaded) is cls
         loaded.set_progress_bar_config(disable=True)
         assert np.array_equal(loaded(**inputs(task, control_image=cond)).images, before)
+
+
+def test_save_load_without_a_module(components, tmp_path):
+    # diffusers' test_save_load_optional_components: an optional component saved as None loads as None.
+    pipe = build(StableDiffusionXLControlNeXtPipeline, components, "sdxl")
+    before = pipe(**inputs("txt2img")).images
+    pipe.save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["controlnext"] == [None, None]
+    again = StableDiffusionXLControlNeXtPipeline.from_pretrained(tmp_path / "p")
+    again.set_progress_bar_config(disable=True)
+    assert again.controlnext is None and np.array_equal(again(**inputs("txt2img")).images, before)
