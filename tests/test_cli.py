@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from controlnext.cli import main
 from controlnext.loading import save_controlnext_file
@@ -106,3 +110,107 @@ def test_generate_bad_inputs_give_one_line_errors(tiny_sd15_dir, tmp_path, condi
     assert "nope.safetensors" in capsys.readouterr().err
     assert main([*base, "--controlnext", str(module), "--control-image", str(condition), "--height", "30"]) == 2
     assert "multiple of 8" in capsys.readouterr().err
+
+
+def _generate_args(model, module, condition, out, *flags) -> list[str]:
+    return [
+        "generate", "--model", str(model), "--controlnext", str(module), "--control-image", str(condition),
+        "--prompt", "x", "--steps", "1", "-o", str(out), *flags,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--control-scale", "nan"], "--control-scale must be a finite number in [0.0, 10.0]"),
+        (["--control-scale", "inf"], "--control-scale must be a finite number"),
+        (["--control-scale", "1e30"], "--control-scale must be a finite number"),
+        (["--guidance", "nan"], "--guidance must be a finite number"),
+        (["--lora-scale", "nan"], "--lora-scale must be a finite number"),
+        (["--height", "100000"], "--height must be a positive multiple of 8 up to 4096"),
+        (["--num-images", "10000"], "--num-images must be between 1 and 64"),
+    ],
+)
+def test_generate_refuses_out_of_range_numbers(tiny_sd15_dir, tmp_path, condition, capsys, flags, message):
+    module = save_controlnext_file(tiny_controlnext("sd15-training"), tmp_path / "cn.safetensors")
+    out = tmp_path / "out.png"
+    assert main(_generate_args(tiny_sd15_dir, module, condition, out, *flags)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def _png_claiming(path, width: int, height: int) -> None:
+    """A PNG whose header says width x height (with the data of a 1x1 image): only its header can be read."""
+    small = io.BytesIO()
+    PIL.Image.new("L", (1, 1)).save(small, "PNG")
+    data = bytearray(small.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR: 8-byte signature, length, type, then width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def test_generate_unreadable_and_oversized_conditions_are_one_line_errors(tiny_sd15_dir, tmp_path, condition, capsys):
+    module = save_controlnext_file(tiny_controlnext("sd15-training"), tmp_path / "cn.safetensors")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(condition.read_bytes()[:-40])
+    _png_claiming(tmp_path / "bomb.png", 20000, 20000)
+    _png_claiming(tmp_path / "big.png", 9000, 8000)  # under PIL's bomb limit, over ours
+    wide = tmp_path / "wide.png"
+    PIL.Image.new("RGB", (3000, 64)).save(wide)  # readable, but the output would follow it to 3000 px
+    text = tmp_path / "module.pt"
+    text.write_text("hello world")
+    cases = [
+        (truncated, module, "damaged or truncated"),
+        (tmp_path / "bomb.png", module, "too large to decode"),
+        (tmp_path / "big.png", module, "9000x8000 pixels; conditions are limited to 67 MP"),
+        (wide, module, "only up to 2048 px per side. Pass height and width"),
+        (condition, text, "not a readable torch file"),
+    ]
+    out = tmp_path / "out.png"
+    for cond, mod, message in cases:
+        assert main(_generate_args(tiny_sd15_dir, mod, cond, out)) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    # the wide condition works once the output size is given
+    assert main(_generate_args(tiny_sd15_dir, module, wide, out, "--width", "64", "--height", "8")) == 0
+    assert PIL.Image.open(tmp_path / "out.png").size == (64, 8)
+
+
+@pytest.mark.parametrize("size,expected", [((60, 60), (56, 56)), ((7, 5), (8, 8)), ((1, 1), (8, 8))])
+def test_generate_on_the_demo_model_rounds_the_condition_size_to_what_diffusers_takes(tmp_path, size, expected):
+    # The demo model's VAE factor is 4; the stock pipelines take only multiples of 8.
+    from controlnext.shapes.demo import demo_assets
+
+    root = demo_assets()
+    cond = tmp_path / "cond.png"
+    PIL.Image.new("RGB", size, (255, 255, 255)).save(cond)
+    out = tmp_path / "out.png"
+    assert main(_generate_args(root / "base", root / "edges" / "controlnext.safetensors", cond, out)) == 0
+    assert PIL.Image.open(out).size == expected
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10000000000 bytes."),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB"),
+        RuntimeError("an unrelated failure"),
+    ],
+)
+def test_generate_out_of_memory_is_one_line(tiny_sd15_dir, tmp_path, condition, capsys, monkeypatch, error):
+    from controlnext.pipelines import StableDiffusionControlNeXtPipeline
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(StableDiffusionControlNeXtPipeline, "__call__", fail)
+    module = save_controlnext_file(tiny_controlnext("sd15-training"), tmp_path / "cn.safetensors")
+    argv = _generate_args(tiny_sd15_dir, module, condition, tmp_path / "out.png")
+    if "unrelated" in str(error):  # only memory errors are turned into a message
+        with pytest.raises(RuntimeError, match="unrelated"):
+            main(argv)
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "out of memory on cpu: lower --num-images or --height/--width" in err and "Traceback" not in err

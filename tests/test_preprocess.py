@@ -438,3 +438,47 @@ def test_old_pose_flag_still_works_with_a_note(tmp_path, capsys):
     assert main([*argv, "--pose-models", str(tmp_path)]) == 2  # no ONNX files there: the clear error
     err = capsys.readouterr().err
     assert "--pose-models is deprecated; use --dwpose-dir" in err and "yolox_l.onnx" in err
+
+
+def test_segment_of_one_pixel_and_of_thin_images():
+    for shape in ((1, 1, 3), (1, 5, 3), (5, 1, 3)):
+        rgb = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        for source in ("photo", "map"):
+            out = pp.segment(rgb, segments=8, smoothing=7, source=source)
+            assert out.size == (shape[1], shape[0]), (shape, source)
+    # one pixel is one region: the first palette colour for a photo, its own colour for a map
+    one = np.array([[[10, 200, 30]]], np.uint8)
+    assert np.asarray(pp.segment(one))[0, 0].tolist() == pp.palette(1)[0].tolist()
+    assert np.asarray(pp.segment(one, source="map"))[0, 0].tolist() == [10, 200, 30]
+
+
+def test_cli_segment_refuses_huge_sizes_and_non_images(tmp_path, capsys):
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(tmp_path / "one.png")
+    out = tmp_path / "o.png"
+    assert main(["preprocess", "segment", str(tmp_path / "one.png"), "-o", str(out)]) == 0
+    assert Image.open(out).size == (1, 1)
+    (tmp_path / "weights.pt").write_text("hello world")
+    cases = [
+        (["segment", str(tmp_path / "one.png"), "-o", str(out), "--size", "30000x30000"], "between 1x1 and 4096x4096"),
+        (["segment", str(tmp_path / "weights.pt"), "-o", str(out)], "Cannot read weights.pt as an image"),
+    ]
+    for argv, message in cases:
+        assert main(["preprocess", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
+def test_cli_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    Image.fromarray(square()).save(tmp_path / "in.png")
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    import dataclasses
+
+    from controlnext.preprocess.registry import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "segment", dataclasses.replace(REGISTRY["segment"], fn=exhausted))
+    assert main(["preprocess", "segment", str(tmp_path / "in.png"), "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Out of memory making the segment map of in.png; give a smaller --size" in err and "Traceback" not in err

@@ -62,8 +62,8 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> tuple[dict[
             f"{path} holds objects other than tensors, so it was not unpickled (that could run code). If you trust "
             f"the file, pass allow_pickle=True (CLI: --allow-pickle)."
         ) from err
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable torch file (corrupt or truncated?): {err}") from err
+    except Exception as err:  # the unpickler fails on garbage with any error type (KeyError, IndexError, ...)
+        raise ValueError(f"{path} is not a readable torch file (corrupt or truncated?): {err!r}") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -16,6 +16,8 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
 }
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16"}
+MAX_SIDE = 4096  # --height / --width
+MAX_IMAGES = 64  # --num-images
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,16 +54,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    from ..pipelines.common import MAX_CONTROL_SCALE, MAX_GUIDANCE_SCALE, check_number
+
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise UserError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
     if not 0 <= args.control_start < args.control_end <= 1:
         raise UserError("need 0 <= --control-start < --control-end <= 1")
+    check_number("--control-scale", args.control_scale, 0.0, MAX_CONTROL_SCALE)
+    check_number("--guidance", args.guidance, 0.0, MAX_GUIDANCE_SCALE)
+    check_number("--lora-scale", args.lora_scale, -MAX_CONTROL_SCALE, MAX_CONTROL_SCALE)
     for name in ("height", "width"):
         v = getattr(args, name)
-        if v is not None and (v < 8 or v % 8):
-            raise UserError(f"--{name} must be a positive multiple of 8, got {v}")
+        if v is not None and (v < 8 or v % 8 or v > MAX_SIDE):
+            raise UserError(f"--{name} must be a positive multiple of 8 up to {MAX_SIDE}, got {v}")
     if not Path(args.control_image).is_file():
         raise UserError(f"condition image not found: {args.control_image}")
 
@@ -88,7 +95,10 @@ def load_pipeline(model: str, device: str, dtype, controlnext: str, variant: str
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..conditioning import load_condition
+
     _check(args)
+    condition = load_condition(args.control_image)  # an unreadable or oversized file fails before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = DTYPES[args.dtype] if args.dtype else ("float16" if device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
@@ -105,20 +115,26 @@ def run(args: argparse.Namespace) -> int:
 
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    images = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        control_image=args.control_image,
-        controlnext_conditioning_scale=args.control_scale,
-        control_guidance_start=args.control_start,
-        control_guidance_end=args.control_end,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        height=args.height,
-        width=args.width,
-        generator=generator,
-    ).images
+    try:
+        images = pipe(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            control_image=condition,
+            controlnext_conditioning_scale=args.control_scale,
+            control_guidance_start=args.control_start,
+            control_guidance_end=args.control_end,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            num_images_per_prompt=args.num_images,
+            height=args.height,
+            width=args.width,
+            generator=generator,
+        ).images
+    except (RuntimeError, MemoryError) as err:
+        # torch.OutOfMemoryError (a RuntimeError) on GPUs; a RuntimeError "can't allocate memory" on the CPU
+        if not isinstance(err, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(err):
+            raise
+        raise UserError(f"out of memory on {device}: lower --num-images or --height/--width") from None
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]

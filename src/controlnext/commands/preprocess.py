@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MAX_SIDE = 4096  # --size, per side (the largest output `generate` makes)
 
 
 class _Deprecated(argparse.Action):
@@ -67,36 +68,39 @@ def _parse_size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size must look like 512x768 (width x height), got {text!r}.") from None
-    if w <= 0 or h <= 0:
-        raise ValueError(f"--size must be positive, got {text!r}.")
+    if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
+        raise ValueError(f"--size must be between 1x1 and {MAX_SIDE}x{MAX_SIDE}, got {text!r}.")
     return w, h
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import preprocess as pp
-
-    pre = pp.get_preprocessor(args.kind)
     src = Path(args.input)
     if not src.is_file():
         raise FileNotFoundError(f"Input not found: {src}")
     out = Path(args.output)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"Output must be an image file ({', '.join(IMAGE_SUFFIXES)}), got {out.name!r}.")
-    options = {o.name: getattr(args, o.name) for o in pre.options if getattr(args, o.name) is not None}
-
-    is_keypoints = args.kind == "pose" and src.suffix.lower() == ".json"
-    if is_keypoints:  # a keypoint file has no pixels: --size is the canvas
-        if args.size:
-            options["width"], options["height"] = _parse_size(args.size)
-        result = pre.run(src, options)
-    else:
-        image = pp.open_image(src)
-        if args.size:
-            w, h = _parse_size(args.size)
-            image = pp.fit_to_size(pp.to_pil(image), w, h)
-        result = pre.run(image, options)
-
+    try:
+        result = _make(args, src)
+    except MemoryError:
+        raise ValueError(f"Out of memory making the {args.kind} map of {src.name}; give a smaller --size.") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     print(f"wrote {out} ({result.width}x{result.height}, {args.kind})")
     return 0
+
+
+def _make(args: argparse.Namespace, src: Path):
+    from .. import preprocess as pp
+
+    pre = pp.get_preprocessor(args.kind)
+    options = {o.name: getattr(args, o.name) for o in pre.options if getattr(args, o.name) is not None}
+    size = _parse_size(args.size) if args.size else None
+    if args.kind == "pose" and src.suffix.lower() == ".json":  # a keypoint file has no pixels: --size is the canvas
+        if size:
+            options["width"], options["height"] = size
+        return pre.run(src, options)
+    image = pp.open_image(src)
+    if size:
+        image = pp.fit_to_size(pp.to_pil(image), *size)
+    return pre.run(image, options)

@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..conditioning import load_condition
 from ..inject import attached
-from .common import ControlNeXtPipelineMixin, with_controlnext
+from .common import MAX_CONTROL_SCALE, MAX_GUIDANCE_SCALE, ControlNeXtPipelineMixin, check_number, with_controlnext
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +365,11 @@ class StableVideoDiffusionControlNeXtPipeline(ControlNeXtPipelineMixin, StableVi
         ] * len(modules)  # fmt: skip
         if len(scales) != len(modules):
             raise ValueError(f"Got {len(scales)} conditioning scales for {len(modules)} modules.")
+        scales = [check_number("controlnext_conditioning_scale", s, 0.0, MAX_CONTROL_SCALE) for s in scales]
+        if control_level is not None:
+            check_number("control_level", control_level, 0.0, MAX_CONTROL_SCALE)
+        check_number("min_guidance_scale", min_guidance_scale, 0.0, MAX_GUIDANCE_SCALE)
+        check_number("max_guidance_scale", max_guidance_scale, 0.0, MAX_GUIDANCE_SCALE)
         controls = [
             _ControlFrames(v, num_frames, height, width, "control_video" if len(videos) == 1 else f"control_video[{i}]")
             for i, v in enumerate(videos)

@@ -32,6 +32,8 @@ def palette(n: int) -> np.ndarray:
 
 
 def _kmeans_labels(pixels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    if k == 1:  # one cluster: nothing to fit (and OpenCV reads a single (1, 3) sample as three 1-D samples)
+        return np.zeros(len(pixels), dtype=np.int32)
     cv2.setRNGSeed(seed)
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 30, 0.5)
     _, labels, _ = cv2.kmeans(pixels.astype(np.float32), k, None, criteria, 3, cv2.KMEANS_PP_CENTERS)
