@@ -30,9 +30,10 @@ logger = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def _check_family(what: str | Path, variant: str, family: str | None) -> None:
-    """Refuse a published variant on a backbone of another family."""
-    made_for = family_of_variant(variant)
+def _check_family(what: str | Path, model: ControlNeXtModel, family: str | None) -> None:
+    """Refuse a module made for another family (its ``family`` field, else its published variant's family)."""
+    variant = model.config.variant
+    made_for = get_family(model.config.family) if model.config.family else family_of_variant(variant)
     if family is not None and made_for is not None and made_for is not get_family(family):
         fam = get_family(family)
         raise ValueError(
@@ -152,7 +153,7 @@ def load_controlnext_file(
                 else f"{path}: {_mismatch_report(state_dict)}"
             )
         model = ControlNeXtModel.from_variant(chosen)
-    _check_family(path, model.config.variant, family)
+    _check_family(path, model, family)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path} does not match its declared config: {_mismatch_report(state_dict)}")
@@ -200,7 +201,7 @@ def load_controlnext(
         model = ControlNeXtModel.from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **hub_kwargs)
     except OSError as err:
         raise FileNotFoundError(f"Could not load a ControlNeXt module from {path_or_id!r}: {err}") from err
-    _check_family(path_or_id, model.config.variant, family)
+    _check_family(path_or_id, model, family)
     return model.eval()
 
 
