@@ -1,5 +1,5 @@
-"""The five published ControlNeXt layouts, and the transformer layouts ``sd3`` and ``flux``, as configs of one
-:class:`ControlNeXtModel`.
+"""The five published ControlNeXt layouts (``VARIANTS``), and the transformer layouts ``sd3`` and ``flux``
+(``DIT_VARIANTS``, no published weights), as configs of one :class:`ControlNeXtModel`.
 
 Each entry holds the encoder layout *and* how the module is applied to a backbone (injection point, the order of
 pooling and cross-normalisation, epsilon and scale rule), so a saved module is self-describing.
@@ -123,14 +123,19 @@ _DIT = dict(
     uncond_control=True,
     condition_range="0,1",
 )
-VARIANTS["sd3"] = dict(_DIT, out_channels=1536, family="sd3")
-VARIANTS["flux"] = dict(_DIT, out_channels=3072, family="flux")
+# Kept apart from VARIANTS, which holds only the published layouts (single files are matched against those).
+DIT_VARIANTS: dict[str, dict[str, Any]] = {
+    "sd3": dict(_DIT, out_channels=1536, family="sd3"),
+    "flux": dict(_DIT, out_channels=3072, family="flux"),
+}
 
 
 def variant_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """Return the full config of a published variant, with optional overrides (e.g. tiny channel counts)."""
-    if name not in VARIANTS:
-        raise ValueError(f"Unknown ControlNeXt variant {name!r}; expected one of {sorted(VARIANTS)}.")
-    cfg = dict(VARIANTS[name], variant=name)
+    """Return the full config of a variant (published, or a transformer layout), with optional overrides (e.g. tiny
+    channel counts)."""
+    known = {**VARIANTS, **DIT_VARIANTS}
+    if name not in known:
+        raise ValueError(f"Unknown ControlNeXt variant {name!r}; expected one of {sorted(known)}.")
+    cfg = dict(known[name], variant=name)
     cfg.update(overrides)
     return cfg
