@@ -112,9 +112,10 @@ TINY_T5_WIDTH = 48
 def tiny_transformer(family: str = "sd3", seed: int = 0, num_layers: int = 6):
     """A tiny SD3 (``'sd3'``) or Flux (``'flux'``, guidance-distilled like Flux-dev) transformer, inner width 32.
 
-    It takes the latents of :func:`tiny_vae` (4 channels; Flux packs them 2x2 into 16), text states of the tiny T5
-    (width 48) and pooled CLIP projections (SD3: both CLIP encoders, 64; Flux: one, 32). ``num_layers`` joint (SD3)
-    or double-stream (Flux, plus one single-stream block) blocks: the default 6 holds the default injection point.
+    It takes 16-channel latents as the published VAEs make them (Flux packs them 2x2 into 64), text states of the
+    tiny T5 (width 48) and pooled CLIP projections (SD3: both CLIP encoders, 64; Flux: one, 32). ``num_layers``
+    joint (SD3) or double-stream (Flux, plus one single-stream block) blocks: the default 6 holds the default
+    injection point.
     """
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
@@ -124,8 +125,8 @@ def tiny_transformer(family: str = "sd3", seed: int = 0, num_layers: int = 6):
         return SD3Transformer2DModel(
             sample_size=8,
             patch_size=2,
-            in_channels=4,
-            out_channels=4,
+            in_channels=16,
+            out_channels=16,
             num_layers=num_layers,
             attention_head_dim=head_dim,
             num_attention_heads=heads,
@@ -137,7 +138,7 @@ def tiny_transformer(family: str = "sd3", seed: int = 0, num_layers: int = 6):
     if family == "flux":
         return FluxTransformer2DModel(
             patch_size=1,
-            in_channels=16,
+            in_channels=64,
             num_layers=num_layers,
             num_single_layers=1,
             attention_head_dim=head_dim,
@@ -189,8 +190,11 @@ def tiny_dit_pipeline_components(family: str, workdir: str | Path, seed: int = 0
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     workdir = Path(workdir)
-    # SD3 and Flux latents are shifted and scaled (the published VAE settings of SD3).
-    vae = tiny_vae(seed, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    # 16 latent channels, shifted and scaled (the published VAE settings of SD3).
+    vae = tiny_vae(
+        seed, latent_channels=16, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )  # fmt: skip
     t5, t5_tokenizer = tiny_t5(workdir / "t5_tokenizer_src", seed=seed + 2)
     comps: dict[str, Any] = dict(
         transformer=tiny_transformer(family, seed, num_layers), vae=vae, scheduler=FlowMatchEulerDiscreteScheduler()
