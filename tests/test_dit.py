@@ -471,3 +471,12 @@ def test_output_size_from_the_condition_rounds_to_whole_patches(components, fami
     pipe = make(components, family)
     out = run(pipe, control_image=torch.rand(3, 72, 88))
     assert out.shape == (1, 64, 80, 3)
+
+
+def test_training_does_not_offer_the_transformer_families_yet(capsys):
+    from controlnext.training.config import parse_train_args
+
+    for family in FAMILIES:
+        with pytest.raises(SystemExit):
+            parse_train_args(["--pretrained-model", "base", "--dataset", "data", "--family", family])
+        assert "invalid choice" in capsys.readouterr().err

@@ -14,8 +14,9 @@ __all__ = ["TrainConfig", "add_train_arguments", "config_from_args", "parse_trai
 
 
 def _image_families() -> list[str]:
-    """The families ``controlnext train`` takes (the video family has ``train-video``)."""
-    return [f.name for f in families() if not f.video]
+    """The families ``controlnext train`` takes: the image UNets (the video family has ``train-video``; the
+    transformer families sd3 and flux have no training yet)."""
+    return [f.name for f in families() if not f.video and f.denoiser == "unet"]
 
 
 @dataclass
