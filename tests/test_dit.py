@@ -446,6 +446,18 @@ def test_flux_module_on_sd3_pipeline_is_a_clear_error(components, tmp_path):
     assert len(pipe.controlnext_modules) == 2 and run(pipe, control_image=[torch.rand(3, 64, 64)] * 2).shape[0] == 1
 
 
+def test_single_file_names_its_family(tmp_path):
+    from controlnext.loading import load_controlnext_file, save_controlnext_file
+
+    module = tiny_controlnext("flux", seed=4)
+    path = save_controlnext_file(module, tmp_path / "flux.safetensors")
+    again = load_controlnext_file(path, family="flux")
+    assert again.config.family == "flux" and again.config.token_patch == 2
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match=r"'flux' module \(for flux transformers\) but the transformer is sd3"):
+        load_controlnext_file(path, family="sd3")
+
+
 def test_generate_command_picks_the_transformer_pipeline(components, tmp_path):
     from controlnext.commands.generate import load_pipeline
 
@@ -480,3 +492,12 @@ def test_training_does_not_offer_the_transformer_families_yet(capsys):
         with pytest.raises(SystemExit):
             parse_train_args(["--pretrained-model", "base", "--dataset", "data", "--family", family])
         assert "invalid choice" in capsys.readouterr().err
+
+
+def test_sd3_skip_layer_guidance_with_control_is_refused(components):
+    pipe = make(components, "sd3")
+    with pytest.raises(ValueError, match="skip_guidance_layers .* is not supported with ControlNeXt control"):
+        run(pipe, guidance_scale=5.0, skip_guidance_layers=[1])
+    pipe.set_controlnext(None)  # without a module the stock option works as before
+    out = run(pipe, control_image=None, height=64, width=64, guidance_scale=5.0, skip_guidance_layers=[1])
+    assert out.shape == (1, 64, 64, 3)

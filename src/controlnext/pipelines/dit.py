@@ -10,6 +10,8 @@ second transformer call per step, which gets the same control.
 
 from __future__ import annotations
 
+from typing import Any
+
 from diffusers import (
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
@@ -34,6 +36,16 @@ __all__ = [
 @with_controlnext(StableDiffusion3Pipeline)
 class StableDiffusion3ControlNeXtPipeline(ControlNeXtPipelineMixin, StableDiffusion3Pipeline):
     """SD3/SD3.5 text-to-image with ControlNeXt; stock `StableDiffusion3Pipeline` arguments plus `control_image`, ..."""
+
+    def __call__(self, *args: Any, skip_guidance_layers: list[int] | None = None, **kwargs: Any):
+        # Skip-layer guidance adds a transformer call on the conditional half alone, inside a guidance run whose
+        # other calls hold both halves; the adapter's batch mapping cannot tell the two apart.
+        if skip_guidance_layers is not None and self.controlnext_modules:
+            raise ValueError(
+                "skip_guidance_layers (skip-layer guidance) is not supported with ControlNeXt control: it adds a "
+                "transformer call on the conditional half alone. Leave it unset, or remove the control module."
+            )
+        return super().__call__(*args, skip_guidance_layers=skip_guidance_layers, **kwargs)
 
 
 @with_controlnext(StableDiffusion3Img2ImgPipeline)
