@@ -278,6 +278,10 @@ def test_wrong_family_or_layout_is_a_clear_error():
         attach(flux, tiny_controlnext("sdxl"))
     with pytest.raises(ValueError, match="64 output channels.*has 32 channels"):
         attach(flux, ControlNeXtModel.from_variant("flux", **{**_tiny(), "out_channels": 64}))
+    from controlnext.testing.models import tiny_unet
+
+    with pytest.raises(ValueError, match="gives image tokens but this sdxl UNet's hidden state at before_down_block_0"):
+        attach(tiny_unet("sdxl"), ControlNeXtModel.from_variant("sdxl", token_patch=2, **_tiny()))
     assert not sd3._forward_pre_hooks and not flux._forward_pre_hooks  # nothing left attached after a refusal
 
 
