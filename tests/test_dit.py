@@ -462,6 +462,22 @@ def test_single_file_names_its_family(tmp_path):
         load_controlnext_file(path, family="sd3")
 
 
+def test_state_dict_without_metadata_is_matched_to_its_transformer_layout(tmp_path):
+    from safetensors.torch import save_file
+
+    from controlnext.loading import load_controlnext_file
+
+    with torch.device("meta"):
+        layout = ControlNeXtModel.from_variant("sd3").state_dict()
+    state = {k: torch.full(v.shape, 0.01) for k, v in layout.items()}  # another tool's export: no config metadata
+    save_file(state, str(tmp_path / "sd3.safetensors"))
+    for variant in (None, "sd3"):
+        module = load_controlnext_file(tmp_path / "sd3.safetensors", variant=variant, family="sd3")
+        assert module.config.variant == "sd3" and module.config.family == "sd3"
+    with pytest.raises(ValueError, match="does not have the layout of variant 'flux'"):
+        load_controlnext_file(tmp_path / "sd3.safetensors", variant="flux")
+
+
 def test_generate_command_picks_the_transformer_pipeline(components, tmp_path):
     from controlnext.commands.generate import load_pipeline
 

@@ -23,7 +23,11 @@ from safetensors.torch import save_file
 
 from .families import family_of_variant, get_family
 from .models.controlnext import ControlNeXtModel
-from .models.variants import VARIANTS
+from .models.variants import DIT_VARIANTS, VARIANTS
+
+# Layouts a file's keys and shapes are matched against: the published ones, and the transformer layouts at their
+# reference widths (a file without metadata, or one loaded with variant=).
+_LAYOUTS = (*VARIANTS, *DIT_VARIANTS)
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +83,15 @@ def _variant_shapes(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def match_variants(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Published variants whose key names and shapes equal ``state_dict``'s exactly."""
+    """Variants (published, or transformer layouts) whose key names and shapes equal ``state_dict``'s exactly."""
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    return [name for name in VARIANTS if _variant_shapes(name) == shapes]
+    return [name for name in _LAYOUTS if _variant_shapes(name) == shapes]
 
 
 def _mismatch_report(state_dict: dict[str, torch.Tensor]) -> str:
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     best, best_diff = None, None
-    for name in VARIANTS:
+    for name in _LAYOUTS:
         ref = _variant_shapes(name)
         missing = sorted(set(ref) - set(shapes))
         unexpected = sorted(set(shapes) - set(ref))
