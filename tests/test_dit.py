@@ -521,3 +521,17 @@ def test_sd3_skip_layer_guidance_with_control_is_refused(components):
     pipe.set_controlnext(None)  # without a module the stock option works as before
     out = run(pipe, control_image=None, height=64, width=64, guidance_scale=5.0, skip_guidance_layers=[1])
     assert out.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_cpu_offload_hooks_compose(components, family):
+    # On CPU the offload "device" is the CPU itself, but accelerate's hooks are installed on every component, so
+    # this checks that the transformer hooks and the excluded control module work inside that hook chain.
+    comps = dict(components[family], transformer=tiny_transformer(family))  # offload hooks stay off the shared one
+    pipe = PIPES[(family, "txt2img")](**comps, controlnext=tiny_controlnext(family))
+    pipe.set_progress_bar_config(disable=True)
+    before = run(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.transformer, "_hf_hook") and not hasattr(pipe.controlnext, "_hf_hook")
+    assert np.array_equal(run(pipe), before)
+    pipe.remove_all_hooks()
