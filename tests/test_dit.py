@@ -535,3 +535,26 @@ def test_model_cpu_offload_hooks_compose(components, family):
     assert hasattr(pipe.transformer, "_hf_hook") and not hasattr(pipe.controlnext, "_hf_hook")
     assert np.array_equal(run(pipe), before)
     pipe.remove_all_hooks()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_custom_attention_processors_compose(family):
+    """Control hooks sit on blocks, attention processors inside them: a replaced processor runs under control."""
+    tr, module = tiny_transformer(family).eval(), tiny_controlnext(family).eval()
+    kw, cond = inputs(family), torch.rand(2, 3, 64, 64)
+    with attached(tr, module, cond):
+        want = call(tr, kw)
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return self.inner(*args, **kwargs)
+
+    tr.set_attn_processor({name: Counting(p) for name, p in tr.attn_processors.items()})
+    with attached(tr, module, cond):
+        got = call(tr, kw)
+    assert len(calls) == len(tr.attn_processors) and torch.equal(got, want)
