@@ -56,7 +56,8 @@ def test_unknown_family_lists_the_known_ones(tmp_path):
         detect_family({"_class_name": "SomethingElse"})
     with pytest.raises(ValueError, match="could not be read"):
         detect_family(tmp_path)  # an empty folder
-    with pytest.raises(ValueError, match=r"Unknown base-model family 'nope'; known families: \['sd15', 'sdxl', 'svd'"):
+    known = r"\['flux', 'sd15', 'sd3', 'sdxl', 'svd'"
+    with pytest.raises(ValueError, match=r"Unknown base-model family 'nope'; known families: " + known):
         get_family("nope")
 
 
@@ -245,7 +246,7 @@ def test_no_family_names_outside_the_registry():
             if needle in text:
                 offenders.append(f"{path.relative_to(src)}: {needle}")
     assert not offenders, offenders
-    assert json.loads(json.dumps([f.name for f in families.families()])) == ["svd", "sdxl", "sd15"]
+    assert json.loads(json.dumps([f.name for f in families.families()])) == ["flux", "sd3", "svd", "sdxl", "sd15"]
 
 
 def test_no_import_cycles_inside_the_package():

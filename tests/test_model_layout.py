@@ -77,6 +77,6 @@ def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="injection_point"):
         ControlNeXtModel.from_variant("sdxl", injection_point="somewhere")
     with pytest.raises(ValueError, match="Unknown ControlNeXt variant"):
-        ControlNeXtModel.from_variant("sd3")
+        ControlNeXtModel.from_variant("sd4")
     with pytest.raises(ValueError, match="channels"):
         ControlNeXtModel.from_variant("sdxl")(torch.rand(1, 4, 64, 64), 1)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "DIT_POINTS",
     "Family",
     "InjectionPoint",
     "UNET_POINTS",
@@ -144,6 +145,11 @@ UNET_POINTS = (
 )
 
 
+def _sample_grid(sample: torch.Tensor, kwargs: Mapping[str, Any]) -> tuple[int, int]:
+    """The latent grid of a call whose sample is (..., C, h, w): UNets and SD3."""
+    return tuple(sample.shape[-2:])
+
+
 @dataclass(frozen=True)
 class Family:
     """One base-model family: recognition, injection points, published defaults and pipelines.
@@ -182,6 +188,17 @@ class Family:
     checkpoint_keys: tuple[str, ...] = ()
     # The reference checkpoint's denoiser config (benchmarks build it with random weights).
     published_config: Mapping[str, Any] = field(default_factory=dict)
+    # The encoder always sees timesteps in [0, 1000]: the backbone's timestep argument times this (Flux is called
+    # with t / 1000), so a module sees the same scale in training and at inference.
+    timestep_scale: float = 1.0
+    # Latent pixels per token side (a transformer's patch): generated sizes are multiples of the VAE factor times it.
+    latent_patch: int = 1
+    # Classifier-free guidance batches [unconditional, conditional] halves into one call (the pipelines' flag
+    # ``do_classifier_free_guidance``); ``False`` where guidance is distilled or runs as separate calls (Flux).
+    cfg_batch: bool = True
+    # The latent grid (h, w) of one backbone call, from its sample and keyword arguments (conditions are resized to
+    # it times the VAE factor).
+    latent_grid: Callable[[torch.Tensor, Mapping[str, Any]], tuple[int, int]] = _sample_grid
 
     def point(self, name: str) -> InjectionPoint:
         """The injection point called ``name``; an unknown name is an error that lists this family's points."""
@@ -441,5 +458,104 @@ register_family(
         trainable_patterns=(".*",),  # the SVD releases continue training the whole UNet
         pipelines={"video": "StableVideoDiffusionControlNeXtPipeline"},
         video=True,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------- transformers (DiT)
+def _inner_dim(config: Any) -> int:
+    return config.num_attention_heads * config.attention_head_dim
+
+
+def _after_block(k: int, note: str) -> InjectionPoint:
+    # SD3's JointTransformerBlock and Flux's double-stream block both return (encoder_hidden_states, hidden_states):
+    # element 1 is the image stream; the text stream (element 0) is left as the block returned it.
+    return InjectionPoint(
+        f"after_block_{k}",
+        f"transformer_blocks.{k}",
+        "post",
+        _inner_dim,
+        f"on the image tokens returned by transformer block {k} ({note}); the text tokens stay un-controlled",
+        output_index=1,
+        layout="tokens",
+    )
+
+
+# Candidate points on the image stream of SD3's joint blocks and Flux's double-stream blocks. `after_block_4` is the
+# default (an intermediate block, as the paper injects once into one intermediate block, early enough that most of
+# the network sees the control); the others are registered for comparison.
+DIT_POINTS = (
+    _after_block(0, "the first block: the earliest point, as the SDXL release injects before its first block"),
+    _after_block(4, "default: early intermediate block of SD3 (24-38 blocks) and Flux (19 double-stream blocks)"),
+    _after_block(8, "a deeper intermediate block"),
+)
+
+
+def _flux_latent_grid(sample: torch.Tensor, kwargs: Mapping[str, Any]) -> tuple[int, int]:
+    """Flux is called with 2x2-packed tokens (B, h/2 * w/2, 4C): the grid comes from the rotary ids (row, column)."""
+    ids = kwargs.get("img_ids")
+    if ids is None:
+        raise ValueError("The Flux transformer must be called with img_ids= (keyword) for ControlNeXt control.")
+    ids = ids.reshape(-1, ids.shape[-1])
+    rows, cols = (int(v) + 1 for v in ids[:, 1:3].amax(dim=0).tolist())  # one host read per call
+    if rows * cols != sample.shape[1]:
+        raise ValueError(
+            f"The Flux img_ids describe a {rows}x{cols} token grid but hidden_states has {sample.shape[1]} tokens."
+        )
+    return 2 * rows, 2 * cols
+
+
+def _is(class_name: str) -> Callable[[Mapping[str, Any]], bool]:
+    return lambda c: c.get("_class_name") == class_name
+
+
+register_family(
+    Family(
+        name="sd3",
+        title="Stable Diffusion 3",
+        matches=_is("SD3Transformer2DModel"),
+        points=DIT_POINTS,
+        variants=("sd3",),
+        light_variant="sd3",
+        default_variant="sd3",
+        resolution=1024,
+        # By analogy with the published SD1.5 recipe (attention output projections); training is not built yet.
+        trainable_patterns=(r"transformer_blocks\.\d+\.attn\.to_out",),
+        pipelines={
+            "text2img": "StableDiffusion3ControlNeXtPipeline",
+            "img2img": "StableDiffusion3ControlNeXtImg2ImgPipeline",
+            "inpaint": "StableDiffusion3ControlNeXtInpaintPipeline",
+        },
+        denoiser="transformer",
+        kind="transformer",
+        call_args=("hidden_states", "timestep"),  # SD3 passes the scheduler's t in [0, 1000]
+        text_encoders=3,
+        latent_patch=2,
+    )
+)
+register_family(
+    Family(
+        name="flux",
+        title="Flux.1",
+        matches=_is("FluxTransformer2DModel"),
+        points=DIT_POINTS,
+        variants=("flux",),
+        light_variant="flux",
+        default_variant="flux",
+        resolution=1024,
+        trainable_patterns=(r"transformer_blocks\.\d+\.attn\.to_out",),
+        pipelines={
+            "text2img": "FluxControlNeXtPipeline",
+            "img2img": "FluxControlNeXtImg2ImgPipeline",
+            "inpaint": "FluxControlNeXtInpaintPipeline",
+        },
+        denoiser="transformer",
+        kind="transformer",
+        call_args=("hidden_states", "timestep"),
+        text_encoders=2,
+        timestep_scale=1000.0,  # Flux pipelines call the transformer with t / 1000
+        latent_patch=2,
+        cfg_batch=False,  # guidance-distilled; true CFG runs a second, separate transformer call
+        latent_grid=_flux_latent_grid,
     )
 )

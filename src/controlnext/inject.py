@@ -15,6 +15,7 @@ backbone is left exactly as it was.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .families import Family, InjectionPoint, detect_family, family_of_variant
+from .families import Family, InjectionPoint, detect_family, family_of_variant, get_family
 from .models.controlnext import ControlNeXtModel, StaticFeatures
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class ControlSlot:
 
     ``condition``: (B_c, 3, H, W) or (B_c, F, 3, H, W) in the module's range (set it with :meth:`set_condition`,
     which takes [0, 1] pixels); B_c unique conditions serve
-    the UNet batch (see :meth:`ControlNeXtAdapter.row_index`). ``scale`` multiplies the module's own scale.
+    the backbone batch (see :meth:`ControlNeXtAdapter.row_index`). ``scale`` multiplies the module's own scale.
     ``start``/``end``: fractions of the denoising schedule where the control is on (diffusers' ControlNet rule).
     """
 
@@ -119,6 +120,9 @@ class ControlNeXtAdapter:
         self._pending: list[tuple[ControlSlot, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self._index_cache: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._video = self.family.video
+        # Where the sample and timestep sit when passed positionally (SD3 and Flux take the timestep fourth).
+        params = list(inspect.signature(backbone.forward).parameters)
+        self._arg_positions = tuple(params.index(n) if n in params else i for i, n in enumerate(self.family.call_args))
 
     @property
     def unet(self) -> nn.Module:
@@ -136,7 +140,21 @@ class ControlNeXtAdapter:
                 f"ControlNeXt variant {variant!r} is for {want.name} {want.kind}s but this {family.kind} is "
                 f"{family.name}: use a module made for {family.name} (image and video models take different modules)."
             )
+        made_for = module.config.family
+        if made_for is not None and made_for != family.name:
+            other = get_family(made_for)
+            raise ValueError(
+                f"This ControlNeXt module (variant {variant!r}) was made for {other.title} ({other.name}) "
+                f"{other.kind}s but this {family.kind} is {family.title} ({family.name}): use a module made for "
+                f"{family.name}."
+            )
         point = family.point(module.config.injection_point)
+        if (point.layout == "tokens") != bool(module.config.token_patch):
+            gives = "image tokens" if module.config.token_patch else "feature maps"
+            raise ValueError(
+                f"ControlNeXt module (variant {variant!r}) gives {gives} but this {family.name} {family.kind}'s hidden "
+                f"state at {point.name} is {point.layout}: use a module made for {family.name}."
+            )
         need = point.channels(self.backbone.config)
         if module.config.out_channels != need:
             made_for = f"; the module was made for {want.name} {want.kind}s." if want not in (None, family) else "."
@@ -226,7 +244,7 @@ class ControlNeXtAdapter:
             weight = torch.cat(
                 [torch.zeros(half, device=device, dtype=dtype), torch.ones(half, device=device, dtype=dtype)]
             )
-            weight = weight.repeat_interleave(frames)[:, None, None, None]
+            weight = weight.repeat_interleave(frames)  # one per backbone sample; shaped to the hidden state when used
         if rows == batch and not guidance:
             index = None
         elif frames > 1:
@@ -237,16 +255,21 @@ class ControlNeXtAdapter:
     # ------------------------------------------------------------------ hooks
     def _on_call(self, backbone, args, kwargs):
         self._pending.clear()
-        sample_name, timestep_name = self.family.call_args
-        sample = kwargs[sample_name] if sample_name in kwargs else args[0]
-        timestep = kwargs[timestep_name] if timestep_name in kwargs else args[1]
+        (sample_name, timestep_name), (sample_pos, timestep_pos) = self.family.call_args, self._arg_positions
+        sample = kwargs[sample_name] if sample_name in kwargs else args[sample_pos]
+        timestep = kwargs[timestep_name] if timestep_name in kwargs else args[timestep_pos]
+        if self.family.timestep_scale != 1:
+            timestep = timestep * self.family.timestep_scale  # the encoder always sees t in [0, 1000]
         batch = sample.shape[0]
         frames = sample.shape[1] if self._video else 1
+        size = None
         for slot in self.slots:
             if slot.condition is None or slot.scale == 0 or not self._active(slot):
                 continue
             if self.pixel_factor:
-                self._fit_condition(slot, tuple(d * self.pixel_factor for d in sample.shape[-2:]))
+                if size is None:
+                    size = tuple(d * self.pixel_factor for d in self.family.latent_grid(sample, kwargs))
+                self._fit_condition(slot, size)
             static = slot.static()
             rows = static.hidden.shape[0] // static.frames
             if static.frames != frames:
@@ -283,6 +306,8 @@ class ControlNeXtAdapter:
         out = hidden
         for slot, feats, scale, index in self._pending:
             if slot.module.config.injection_point == point:
+                if scale.dim():  # one scale per sample (guidance halves): broadcast over the sample's dims
+                    scale = scale.reshape(-1, *(1,) * (hidden.dim() - 1))
                 out = out + slot.module.align(feats, hidden, index) * scale.to(hidden.dtype)
         return out
 

@@ -23,16 +23,21 @@ from safetensors.torch import save_file
 
 from .families import family_of_variant, get_family
 from .models.controlnext import ControlNeXtModel
-from .models.variants import VARIANTS
+from .models.variants import DIT_VARIANTS, VARIANTS
+
+# Layouts a file's keys and shapes are matched against: the published ones, and the transformer layouts at their
+# reference widths (a file without metadata, or one loaded with variant=).
+_LAYOUTS = (*VARIANTS, *DIT_VARIANTS)
 
 logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def _check_family(what: str | Path, variant: str, family: str | None) -> None:
-    """Refuse a published variant on a backbone of another family."""
-    made_for = family_of_variant(variant)
+def _check_family(what: str | Path, model: ControlNeXtModel, family: str | None) -> None:
+    """Refuse a module made for another family (its ``family`` field, else its published variant's family)."""
+    variant = model.config.variant
+    made_for = get_family(model.config.family) if model.config.family else family_of_variant(variant)
     if family is not None and made_for is not None and made_for is not get_family(family):
         fam = get_family(family)
         raise ValueError(
@@ -78,15 +83,15 @@ def _variant_shapes(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def match_variants(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Published variants whose key names and shapes equal ``state_dict``'s exactly."""
+    """Variants (published, or transformer layouts) whose key names and shapes equal ``state_dict``'s exactly."""
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    return [name for name in VARIANTS if _variant_shapes(name) == shapes]
+    return [name for name in _LAYOUTS if _variant_shapes(name) == shapes]
 
 
 def _mismatch_report(state_dict: dict[str, torch.Tensor]) -> str:
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     best, best_diff = None, None
-    for name in VARIANTS:
+    for name in _LAYOUTS:
         ref = _variant_shapes(name)
         missing = sorted(set(ref) - set(shapes))
         unexpected = sorted(set(shapes) - set(ref))
@@ -152,7 +157,7 @@ def load_controlnext_file(
                 else f"{path}: {_mismatch_report(state_dict)}"
             )
         model = ControlNeXtModel.from_variant(chosen)
-    _check_family(path, model.config.variant, family)
+    _check_family(path, model, family)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path} does not match its declared config: {_mismatch_report(state_dict)}")
@@ -200,7 +205,7 @@ def load_controlnext(
         model = ControlNeXtModel.from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **hub_kwargs)
     except OSError as err:
         raise FileNotFoundError(f"Could not load a ControlNeXt module from {path_or_id!r}: {err}") from err
-    _check_family(path_or_id, model.config.variant, family)
+    _check_family(path_or_id, model, family)
     return model.eval()
 
 

@@ -13,7 +13,8 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..cross_norm import cross_normalize, pool_to
+from ..cross_norm import cross_normalize, resize_like
+from ..families import get_family as _get_family
 from ..families import injection_point as _known_point
 from .variants import variant_config
 
@@ -22,7 +23,8 @@ __all__ = ["ControlNeXtModel", "ControlNeXtOutput", "StaticFeatures"]
 
 @dataclass
 class ControlNeXtOutput(BaseOutput):
-    """Control features (N, C, h, w) and the module's effective scale (a 0-dim tensor, before the user's scale)."""
+    """Control features (N, C, h, w), or tokens (N, h*w, D), and the module's effective scale (a 0-dim tensor,
+    before the user's scale)."""
 
     sample: torch.Tensor
     scale: torch.Tensor
@@ -58,6 +60,13 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
 
     Inputs: ``condition`` of shape (B, 3, H, W) or, for video, (B, F, 3, H, W), in ``condition_range``; output
     features are at 1/8 of the condition's size (the latent size) for the light layouts.
+
+    Transformer modules (``token_patch`` set, variants ``sd3`` and ``flux``) end in a ``token_patch`` x
+    ``token_patch`` patchify conv (stride = kernel) instead of the 1x1 output conv, and return image tokens
+    (B, N, ``out_channels``) in the backbone's row-major token order: the latent grid cut into 2x2 patches, as
+    SD3's ``PatchEmbed`` and Flux's 2x2 latent packing both do. ``family`` names the base-model family a module is
+    for (set by those variants; a module is refused on a backbone of another family). ``None`` means any family
+    whose hidden state fits (the light UNet layout is shared by the SD1.5, SDXL and SVD-v2 releases).
     """
 
     _supports_gradient_checkpointing = True
@@ -90,8 +99,14 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         uncond_control: bool = True,
         condition_range: str = "0,1",
         normalization: str = "cross_norm",
+        token_patch: int | None = None,
+        family: str | None = None,
     ):
         super().__init__()
+        if family is not None:
+            _get_family(family)  # an unknown family is an error that lists the known ones
+        if token_patch is not None and token_patch < 1:
+            raise ValueError(f"token_patch must be a positive patch size or None, got {token_patch}.")
         try:
             _known_point(injection_point)
         except ValueError as err:
@@ -138,7 +153,10 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         mid.append(nn.Conv2d(c, c, 3, padding=1))
         if mid_norm:
             mid.append(nn.GroupNorm(mid_groups, c))
-        self.mid_convs = nn.ModuleList([nn.Sequential(*mid), nn.Conv2d(c, out_channels, 1)])
+        # The output conv: 1x1 for feature maps; for tokens a patchify conv (kernel = stride = token_patch), the way
+        # SD3's PatchEmbed and Flux's 2x2 packing + x_embedder turn the latent grid into tokens.
+        patch = token_patch or 1
+        self.mid_convs = nn.ModuleList([nn.Sequential(*mid), nn.Conv2d(c, out_channels, patch, stride=patch)])
 
         if learnable_scale:
             self.scale = nn.Parameter(torch.tensor(1.0))
@@ -146,7 +164,8 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
             self.register_buffer("scale", torch.tensor(float(controlnext_scale)), persistent=False)
         if normalization == "zero_conv":
             # Ablation of the paper: ControlNet-style zero-initialised 1x1 conv instead of Cross Normalization.
-            self.zero_conv = nn.Conv2d(out_channels, out_channels, 1)
+            zero = nn.Linear(out_channels, out_channels) if token_patch else nn.Conv2d(out_channels, out_channels, 1)
+            self.zero_conv = zero
             nn.init.zeros_(self.zero_conv.weight)
             nn.init.zeros_(self.zero_conv.bias)
         self.gradient_checkpointing = False
@@ -185,7 +204,7 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         """
         cfg = self.config
         if cfg.normalization == "zero_conv":
-            c = pool_to(self.zero_conv(features), hidden.shape[-2:]).to(hidden.dtype)
+            c = resize_like(self.zero_conv(features), hidden).to(hidden.dtype)
             return c if index is None else c.index_select(0, index)
         return cross_normalize(features, hidden, eps=cfg.norm_eps, pool_first=cfg.pool_first, index=index)
 
@@ -248,6 +267,8 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         else:
             x = y
         x = self.mid_convs[1](x)
+        if self.config.token_patch:
+            x = x.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D), row-major like the backbone's tokens
         return ControlNeXtOutput(sample=x, scale=self.effective_scale())
 
     def forward(

@@ -1,6 +1,7 @@
-"""The five published ControlNeXt layouts, expressed as configs of one :class:`ControlNeXtModel`.
+"""The five published ControlNeXt layouts (``VARIANTS``), and the transformer layouts ``sd3`` and ``flux``
+(``DIT_VARIANTS``, no published weights), as configs of one :class:`ControlNeXtModel`.
 
-Each entry holds the encoder layout *and* how the module is applied to a UNet (injection point, the order of
+Each entry holds the encoder layout *and* how the module is applied to a backbone (injection point, the order of
 pooling and cross-normalisation, epsilon and scale rule), so a saved module is self-describing.
 """
 
@@ -13,6 +14,7 @@ BEFORE_DOWN0 = "before_down_block_0"
 AFTER_DOWN0 = "after_down_block_0"
 BEFORE_MID = "before_mid_block"
 AFTER_MID = "after_mid_block"
+AFTER_BLOCK4 = "after_block_4"  # transformers: the image tokens returned by transformer block 4
 
 # Shared 3.5M-parameter layout of `sd15-training`, `sdxl` and `svd-v2`.
 _LIGHT = dict(
@@ -106,10 +108,34 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Transformers: the light layout on the latent grid, then a 2x2 patchify conv to the transformer's width, giving
+# its image tokens (SD3: PatchEmbed with patch 2; Flux: the 2x2-packed latents x_embedder sees). No published
+# weights exist; out_channels is the inner width of the reference checkpoints (SD3/SD3.5 medium: 24 heads x 64;
+# SD3.5 large needs 2432, Flux.1: 24 heads x 128), and a module for another width overrides it.
+_DIT = dict(
+    _LIGHT,
+    token_patch=2,
+    injection_point=AFTER_BLOCK4,
+    pool_first=False,  # no pooling happens on tokens: both orders agree
+    norm_eps=1e-6,  # representable in bf16/fp16, in which the control's std is taken
+    scale_rule="linear",
+    control_level=1.0,
+    uncond_control=True,
+    condition_range="0,1",
+)
+# Kept apart from VARIANTS, which holds only the published layouts (single files are matched against those).
+DIT_VARIANTS: dict[str, dict[str, Any]] = {
+    "sd3": dict(_DIT, out_channels=1536, family="sd3"),
+    "flux": dict(_DIT, out_channels=3072, family="flux"),
+}
+
+
 def variant_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """Return the full config of a published variant, with optional overrides (e.g. tiny channel counts)."""
-    if name not in VARIANTS:
-        raise ValueError(f"Unknown ControlNeXt variant {name!r}; expected one of {sorted(VARIANTS)}.")
-    cfg = dict(VARIANTS[name], variant=name)
+    """Return the full config of a variant (published, or a transformer layout), with optional overrides (e.g. tiny
+    channel counts)."""
+    known = {**VARIANTS, **DIT_VARIANTS}
+    if name not in known:
+        raise ValueError(f"Unknown ControlNeXt variant {name!r}; expected one of {sorted(known)}.")
+    cfg = dict(known[name], variant=name)
     cfg.update(overrides)
     return cfg

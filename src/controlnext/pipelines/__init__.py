@@ -1,6 +1,14 @@
 """Diffusers-style ControlNeXt pipelines (thin subclasses of the stock diffusers pipelines)."""
 
 from .common import ControlNeXtPipelineMixin, MultiControlNeXtModel
+from .dit import (
+    FluxControlNeXtImg2ImgPipeline,
+    FluxControlNeXtInpaintPipeline,
+    FluxControlNeXtPipeline,
+    StableDiffusion3ControlNeXtImg2ImgPipeline,
+    StableDiffusion3ControlNeXtInpaintPipeline,
+    StableDiffusion3ControlNeXtPipeline,
+)
 from .stable_diffusion import (
     StableDiffusionControlNeXtImg2ImgPipeline,
     StableDiffusionControlNeXtInpaintPipeline,
@@ -12,7 +20,13 @@ from .stable_diffusion import (
 
 __all__ = [
     "ControlNeXtPipelineMixin",
+    "FluxControlNeXtImg2ImgPipeline",
+    "FluxControlNeXtInpaintPipeline",
+    "FluxControlNeXtPipeline",
     "MultiControlNeXtModel",
+    "StableDiffusion3ControlNeXtImg2ImgPipeline",
+    "StableDiffusion3ControlNeXtInpaintPipeline",
+    "StableDiffusion3ControlNeXtPipeline",
     "StableDiffusionControlNeXtImg2ImgPipeline",
     "StableDiffusionControlNeXtInpaintPipeline",
     "StableDiffusionControlNeXtPipeline",

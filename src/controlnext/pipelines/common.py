@@ -109,14 +109,17 @@ def _per_module(value: Any, n: int, name: str) -> list:
 
 
 class _LiveRun:
-    """The pipeline's own guidance and schedule length, read at each UNet call (both are set inside the stock call)."""
+    """The pipeline's own guidance and schedule length, read at each backbone call (both are set inside the stock
+    call). Guidance counts only for families whose pipelines batch [unconditional, conditional] halves (not Flux,
+    whose true CFG makes a separate call per half)."""
 
     def __init__(self, pipe: Any):
         self._pipe = pipe
+        self._cfg_batch = detect_family(pipe).cfg_batch
 
     @property
     def guidance(self) -> bool:
-        return bool(self._pipe.do_classifier_free_guidance)
+        return self._cfg_batch and bool(self._pipe.do_classifier_free_guidance)
 
     @property
     def num_steps(self) -> int:
@@ -196,7 +199,7 @@ class ControlNeXtPipelineMixin:
         self.register_modules(controlnext=_as_component(controlnext))
 
     def load_controlnext(self, path_or_id: str | Path, variant: str | None = None, **kwargs: Any) -> ControlNeXtModel:
-        """Load a control module (file, folder or hub id), check it fits this UNet, and add it to the pipeline."""
+        """Load a control module (file, folder or hub id), check it fits this backbone, and add it to the pipeline."""
         from ..loading import load_controlnext
 
         module = load_controlnext(path_or_id, variant=variant, family=detect_family(self).name, **kwargs)
@@ -259,7 +262,8 @@ class ControlNeXtPipelineMixin:
         params = inspect.signature(super().__call__).parameters
         if "height" not in params or call.get("image") is not None:
             return  # img2img / inpainting: the init image sets the size; conditions are fitted to the latents
-        multiple = math.lcm(self.vae_scale_factor, STOCK_SIZE_MULTIPLE)
+        # Whole latent patches (the DiT families patchify latents 2x2) and what the stock pipeline accepts.
+        multiple = math.lcm(self.vae_scale_factor * detect_family(self).latent_patch, STOCK_SIZE_MULTIPLE)
         h, w = first_condition.shape[-2:]
         for name, side in (("height", h), ("width", w)):
             if call.get(name) is not None:

@@ -81,22 +81,135 @@ def tiny_unet(family: str = "sd15", seed: int = 0):
     return UNet2DConditionModel(**kwargs)
 
 
-def tiny_vae(seed: int = 0):
-    """A tiny AutoencoderKL with the standard 8x spatial factor (four blocks)."""
+def tiny_vae(seed: int = 0, **config: Any):
+    """A tiny AutoencoderKL with the standard 8x spatial factor (four blocks); ``config`` overrides fields."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=64,
+        **{
+            **dict(
+                block_out_channels=(8, 8, 16, 16),
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                latent_channels=4,
+                norm_num_groups=4,
+                layers_per_block=1,
+                sample_size=64,
+            ),
+            **config,
+        }
     )
+
+
+# Tiny transformer widths: 2 heads x 16 = 32 channels (the tiny control modules' default output), T5 width 48.
+TINY_DIT_WIDTH = 32
+TINY_T5_WIDTH = 48
+
+
+def tiny_transformer(family: str = "sd3", seed: int = 0, num_layers: int = 6):
+    """A tiny SD3 (``'sd3'``) or Flux (``'flux'``, guidance-distilled like Flux-dev) transformer, inner width 32.
+
+    It takes 16-channel latents as the published VAEs make them (Flux packs them 2x2 into 64), text states of the
+    tiny T5 (width 48) and pooled CLIP projections (SD3: both CLIP encoders, 64; Flux: one, 32). ``num_layers``
+    joint (SD3) or double-stream (Flux, plus one single-stream block) blocks: the default 6 holds the default
+    injection point.
+    """
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    heads, head_dim = 2, TINY_DIT_WIDTH // 2
+    if family == "sd3":
+        return SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=num_layers,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=TINY_T5_WIDTH,
+            caption_projection_dim=TINY_DIT_WIDTH,
+            pooled_projection_dim=64,
+            pos_embed_max_size=32,
+        )
+    if family == "flux":
+        return FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=num_layers,
+            num_single_layers=1,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=TINY_T5_WIDTH,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+    raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
+
+
+def write_tiny_t5_tokenizer(path: str | Path, words: list[str] | None = None):
+    """Write a Unigram ``T5TokenizerFast`` (pad 0, eos 1, unk 2, the word boundary, then ``words`` as whole pieces)
+    to ``path`` and load it back from there; returns the tokenizer."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    words = words or ["a", "red", "green", "blue", "circle", "square", "triangle", "photo", "of"]
+    pieces += [("\u2581" + w, -1.0) for w in words]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]  # unknown words fall back to letters
+    T5TokenizerFast(vocab=pieces, extra_ids=0).save_pretrained(str(path))
+    return T5TokenizerFast.from_pretrained(str(path))
+
+
+def tiny_t5(path: str | Path, seed: int = 0):
+    """A tiny T5 encoder (width 48, 2 layers) and its tokenizer saved at ``path``; returns (encoder, tokenizer)."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = write_tiny_t5_tokenizer(path)
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=TINY_T5_WIDTH,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(cfg).eval(), tokenizer
+
+
+def tiny_dit_pipeline_components(family: str, workdir: str | Path, seed: int = 0, num_layers: int = 6) -> dict:
+    """Components of a tiny SD3 (``'sd3'``: two CLIP encoders and T5) or Flux (``'flux'``: CLIP and T5) pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    workdir = Path(workdir)
+    # 16 latent channels, shifted and scaled (the published VAE settings of SD3).
+    vae = tiny_vae(
+        seed, latent_channels=16, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )  # fmt: skip
+    t5, t5_tokenizer = tiny_t5(workdir / "t5_tokenizer_src", seed=seed + 2)
+    comps: dict[str, Any] = dict(
+        transformer=tiny_transformer(family, seed, num_layers), vae=vae, scheduler=FlowMatchEulerDiscreteScheduler()
+    )
+    if family == "sd3":
+        te, tok = tiny_clip(workdir / "tokenizer_src", projection=True, seed=seed)
+        te2, tok2 = tiny_clip(workdir / "tokenizer_2_src", projection=True, seed=seed + 1)
+        comps.update(text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2)
+        comps.update(text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    elif family == "flux":
+        te, tok = tiny_clip(workdir / "tokenizer_src", seed=seed)
+        comps.update(text_encoder=te, tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+    else:
+        raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
+    return comps
 
 
 def _byte_chars() -> list[str]:

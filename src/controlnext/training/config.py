@@ -25,8 +25,9 @@ MAX_RESOLUTION = 4096
 
 
 def _image_families() -> list[str]:
-    """The families ``controlnext train`` takes (the video family has ``train-video``)."""
-    return [f.name for f in families() if not f.video]
+    """The families ``controlnext train`` takes: the image UNets (the video family has ``train-video``; the
+    transformer families sd3 and flux have no training yet)."""
+    return [f.name for f in families() if not f.video and f.denoiser == "unet"]
 
 
 def check_range(
