@@ -157,6 +157,8 @@ def run_items(
             why = f"{left:.0f} s of the part's {budget_s:.0f} s budget left"
             why += f", about {estimate:.0f} s needed (like {item.like})" if estimate is not None else ""
             records = [{"status": OUT_OF_BUDGET, "error": why}]
+            if estimate is not None:
+                took[item.name] = estimate  # so that an item like this one is estimated too
         else:
             say(f"[{part}] {item.name} ({left:.0f} s of budget left) ...")
             t0 = time.monotonic()

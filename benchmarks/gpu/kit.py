@@ -76,22 +76,27 @@ def _worker_items(part: str, smoke: bool, out: Path, compile_backend: str | None
 
 
 def _device_environment(smoke: bool) -> dict[str, Any]:
-    import accelerate
-    import diffusers
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
-    import transformers
 
     from controlnext import __version__
     from controlnext.bench import machine_description
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
     cuda = torch.cuda.is_available() and not smoke
     env = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
+        "diffusers": installed("diffusers"),
+        "transformers": installed("transformers"),
+        "accelerate": installed("accelerate"),
         "controlnext": __version__,
         "machine": machine_description(torch.device("cuda" if cuda else "cpu")),
     }

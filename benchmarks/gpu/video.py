@@ -94,6 +94,24 @@ def _pipeline(smoke: bool, device: str, dtype_name: str, offload: bool):
     return pipe
 
 
+_PIPELINE: dict[str, Any] = {}  # the one pipeline alive (per offload setting), reused by that setting's runs
+
+
+def _cached_pipeline(smoke: bool, device: str, dtype_name: str, offload: bool):
+    """The pipeline for ``offload``: built once, the other setting's freed first (one set of weights at a time)."""
+    if _PIPELINE.get("offload") is not offload:
+        import gc
+
+        import torch
+
+        _PIPELINE.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _PIPELINE.update(offload=offload, pipe=_pipeline(smoke, device, dtype_name, offload))
+    return _PIPELINE["pipe"]
+
+
 class _Meter:
     """Peak memory in phases. CUDA: the allocator's peaks (absolute). CPU: weights plus the live tensors created
     during the call (``TensorMemoryTracker``), the CPU analogue."""
@@ -153,7 +171,7 @@ def measure_window(smoke: bool, frames: int, offload: bool, cap_bytes: int | Non
 
     s = _settings(smoke)
     cuda = s["device"].startswith("cuda")
-    pipe = _pipeline(smoke, s["device"], s["dtype"], offload)
+    pipe = _cached_pipeline(smoke, s["device"], s["dtype"], offload)
     h, w = s["height"], s["width"]
     rng = np.random.default_rng(0)
     image = PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
@@ -250,47 +268,32 @@ def fit_window(records: list[dict[str, Any]], offload: bool, smoke: bool) -> dic
 
 
 def items(smoke: bool) -> list[Item]:
+    """Per offload setting: the two windows, the fit, and the capped run of the predicted largest window."""
     s = _settings(smoke)
     out: list[Item] = []
     done: list[dict[str, Any]] = []
-    fits: dict[bool, dict[str, Any]] = {}
 
-    def measured(fn: Callable[[], dict[str, Any]]) -> Callable[[], list[dict[str, Any]]]:
-        def run() -> list[dict[str, Any]]:
-            rec = fn()
+    for offload in (False, True):
+        tag = " offload" if offload else ""
+        fits: dict[str, Any] = {}
+
+        def window(frames: int, o: bool = offload) -> list[dict[str, Any]]:
+            rec = measure_window(smoke, frames, o)
             done.append({**rec, "status": OK})
             return [rec]
 
-        return run
+        def fit(o: bool = offload, fits: dict = fits) -> list[dict[str, Any]]:
+            fits.update(fit_window(done, o, smoke))
+            return [dict(fits)]
 
-    for offload in (False, True):
-        for frames in s["windows"]:
-            name = f"window {frames} frames{' offload' if offload else ''}"
-            out.append(
-                Item(
-                    name,
-                    measured(lambda f=frames, o=offload: measure_window(smoke, f, o)),
-                    like=out[-1].name if out else None,
-                )
-            )
-    for offload in (False, True):
-
-        def fit(o: bool = offload) -> list[dict[str, Any]]:
-            rec = fit_window(done, o, smoke)
-            fits[o] = rec
-            return [rec]
-
-        out.append(Item(f"largest window{' offload' if offload else ''}", fit))
-    for offload in (False, True):
-
-        def verify(o: bool = offload) -> list[dict[str, Any]]:
+        def verify(o: bool = offload, fits: dict = fits) -> list[dict[str, Any]]:
             if smoke:
                 return [
                     dict(offload=o, status=SKIPPED, error="the capped run needs CUDA (set_per_process_memory_fraction)")
                 ]
-            if o not in fits:
+            if not fits:
                 raise MeasurementError("no fitted window to verify")
-            frames = min(fits[o]["largest_window"], MAX_VERIFIED)
+            frames = min(fits["largest_window"], MAX_VERIFIED)
             if frames < 2:
                 return [
                     dict(offload=o, status=SKIPPED, error=f"no window of 2 or more frames fits ({frames} predicted)")
@@ -298,20 +301,19 @@ def items(smoke: bool) -> list[Item]:
             try:
                 rec = measure_window(smoke, frames, o, cap_bytes=s["budget"])
             except Exception as err:
-                if is_oom(err):
-                    return [
-                        dict(
-                            offload=o,
-                            frames=frames,
-                            status=OOM,
-                            error=f"the predicted {frames}-frame window did not fit: {err}"[:500],
-                        )
-                    ]
-                raise
+                if not is_oom(err):
+                    raise
+                error = f"the predicted {frames}-frame window did not fit under the cap: {err}"[:500]
+                return [dict(offload=o, frames=frames, status=OOM, error=error)]
             rec["verified_in_budget"] = True
             return [rec]
 
-        out.append(Item(f"verify largest window{' offload' if offload else ''}", verify, like=out[1].name))
+        for frames in s["windows"]:
+            out.append(
+                Item(f"window {frames} frames{tag}", lambda f=frames, w=window: w(f), like=out[0].name if out else None)
+            )
+        out.append(Item(f"largest window{tag}", fit))
+        out.append(Item(f"verify largest window{tag}", verify, like=out[1].name))
     return out
 
 
