@@ -7,7 +7,8 @@
 # Options are those of benchmarks/gpu/kit.py (--parts, --budget PART=S, --compile-backend, ...; see --help).
 #
 # Assumptions (nothing is installed or downloaded by this script):
-# - A Python with torch, diffusers, transformers, accelerate and safetensors is present. It is, in this order:
+# - A Python with torch, diffusers, transformers, accelerate, safetensors, numpy, pillow and tqdm is present (the
+#   project's runtime dependencies; opencv, peft and the optional extras are not needed). It is, in this order:
 #   $PYTHON if set; the repository's .venv; the active virtualenv; python3 on PATH. The first one that imports
 #   torch and diffusers is used. For the GPU run its torch must see a CUDA GPU (a CPU-only torch is refused, never
 #   replaced: no pip install happens here, so a CUDA build already on the machine stays as it is).
@@ -51,7 +52,8 @@ fi
 
 missing="$("$py" - <<'PY'
 import importlib.util
-print(" ".join(m for m in ("transformers", "accelerate", "safetensors") if importlib.util.find_spec(m) is None))
+need = ("transformers", "accelerate", "safetensors", "numpy", "PIL", "tqdm")
+print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
 PY
 )"
 if [[ -n "$missing" ]]; then
