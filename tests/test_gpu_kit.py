@@ -258,3 +258,14 @@ def test_compiled_rows_call_compiled_wrappers_and_restore_the_models():
     assert row.call_controlnet._orig_mod is row.controlnet
     row.uncompile()
     assert row.call_unet is unet and row.call_controlnet is row.controlnet
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal shown without a GPU")
+def test_gpu_run_without_cuda_is_refused_before_anything_runs(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", str(KIT / "run.sh"), "--out", str(tmp_path / "gpu")], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode != 0
+    assert "sees no CUDA GPU" in proc.stderr and "--smoke" in proc.stderr
+    assert not (tmp_path / "gpu").exists()

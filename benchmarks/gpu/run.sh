@@ -50,32 +50,29 @@ if [[ -z "$py" ]]; then
     exit 2
 fi
 
-missing="$("$py" - <<'PY'
-import importlib.util
-need = ("transformers", "accelerate", "safetensors", "numpy", "PIL", "tqdm")
-print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
-PY
-)"
-if [[ -n "$missing" ]]; then
-    echo "run.sh: $py lacks: $missing (needed by the kit; install them, this script installs nothing)." >&2
-    exit 2
-fi
-
 # This checkout's src/ first, so that the code measured is this checkout's even when another copy is installed.
 export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}"
-if ! "$py" -c "import controlnext" >/dev/null 2>&1; then
-    echo "run.sh: controlnext cannot be imported with $py, even from $repo/src:" >&2
-    "$py" -c "import controlnext" >&2 || true
-    exit 2
-fi
+# One check for the rest (each Python start costs seconds of the GPU slot): packages, the project, CUDA.
+"$py" - "$smoke" <<'PY'
+import importlib.util
+import sys
 
-if [[ $smoke -eq 0 ]]; then
-    if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-        echo "run.sh: $py has torch $("$py" -c 'import torch; print(torch.__version__)') but it sees no CUDA GPU." >&2
-        echo "run.sh: the GPU run needs a CUDA build of torch on a machine with a GPU; --smoke runs on the CPU." >&2
-        exit 2
-    fi
-fi
+need = ("transformers", "accelerate", "safetensors", "numpy", "PIL", "tqdm")
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"run.sh: {sys.executable} lacks {', '.join(missing)} (needed by the kit; this script installs nothing).")
+try:
+    import controlnext  # noqa: F401
+except Exception as err:
+    sys.exit(f"run.sh: controlnext cannot be imported from src/ with {sys.executable}: {err!r}")
+import torch
 
-echo "run.sh: $py ($("$py" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)'))" >&2
+if sys.argv[1] == "0" and not torch.cuda.is_available():
+    sys.exit(
+        f"run.sh: {sys.executable} has torch {torch.__version__} but it sees no CUDA GPU; the GPU run needs a CUDA "
+        "build of torch on a machine with a GPU (--smoke runs on the CPU)."
+    )
+print(f"run.sh: {sys.executable}: torch {torch.__version__}, CUDA {torch.version.cuda}", file=sys.stderr)
+PY
+
 exec "$py" "$repo/benchmarks/gpu/kit.py" "$@"
