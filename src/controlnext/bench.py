@@ -27,8 +27,9 @@ it), ``controlnext-sd15-release`` (the 5.35M ``sd15`` release layout), ``control
 the condition duplicated for guidance). Use :func:`run_benchmark` or ``controlnext bench``.
 
 With ``compile`` set (a ``torch.compile`` backend, e.g. ``inductor``), each row is compiled with its hooks in place and
-timed on its own, rows one after the other: dynamo does not guard on module hooks, so a graph compiled for one row
-would silently be reused by a row with different hooks; the compiled code is reset between rows. ``compile_seconds``
+timed on its own, rows one after the other: dynamo does not guard on module hooks
+(``torch._dynamo.config.skip_nnmodule_hook_guards``), so a graph compiled for one row would silently be reused by a
+row with different hooks; the compiled code is reset between rows. ``compile_seconds``
 is the time of the first call and the warm-up calls (where compiling and the one expected recompilation happen) minus
 as many steady steps; a recompilation during the timed steps is an error (the timing would include compiling).
 """
