@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,7 @@ def test_smoke_prints_the_table_last_and_writes_only_its_folder(smoke):
     assert proc.stdout.endswith(md)
     assert md.count("\n### ") == 6  # goals + five parts
     assert "| ci-sdxl 64 px | float32 (for float16) | eager | controlnext | 2 |" in md
+    assert re.search(r"\| [+-]\d+\.\d% \([+-]\d+\.\d% to [+-]\d+\.\d%\) \|", md)  # with the range over rounds
     assert "1 failed measurement(s); exit code 1." in md
     assert sorted(p.name for p in out.iterdir()) == ["logs", "parts", "raw", "results.json", "results.md"]
     assert len(list((out / "raw").glob("*.json"))) == 5  # 3 eager runs + 2 compiled rows, every step time kept
