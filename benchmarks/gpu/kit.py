@@ -39,6 +39,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(REPO / "src"))  # this checkout's code, also when kit.py is run without run.sh
 
 from common import FAILED, OUT_OF_BUDGET, RecordFile, markdown_table, read_records, run_items  # noqa: E402
 
@@ -183,8 +184,10 @@ def run_part(part: str, args: argparse.Namespace, out: Path, seconds: float) -> 
     cmd += ["--fault", args.fault] if args.fault else []
     start = time.monotonic()
     killed = False
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO, env=env)
         try:
             rc = proc.wait(timeout=max(seconds, 1))
         except subprocess.TimeoutExpired:
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--budget wants PART=SECONDS with PART in {', '.join(budgets)}, got {spec!r}")
         budgets[name] = float(value)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"gpu-{stamp}"
+    out = Path(args.out).resolve() if args.out else REPO / "benchmarks" / "results" / f"gpu-{stamp}"
     for sub in ("parts", "logs", "raw"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 

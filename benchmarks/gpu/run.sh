@@ -19,8 +19,7 @@
 #   cache in the system temp folder; bytecode caching is off, so no __pycache__ appears in the repository.
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$repo"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # no cd: a relative --out is the caller's
 export PYTHONDONTWRITEBYTECODE=1
 export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1  # random weights only: never reach for the hub
