@@ -271,3 +271,60 @@ def test_gpu_run_without_cuda_is_refused_before_anything_runs(tmp_path):
     assert proc.returncode != 0
     assert "sees no CUDA GPU" in proc.stderr and "--smoke" in proc.stderr
     assert not (tmp_path / "gpu").exists()
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+def _fake_worker(tmp_path: Path, body: str) -> str:
+    """An executable standing in for the worker's Python: gets kit.py's worker arguments, runs ``body`` (bash)."""
+    path = tmp_path / "fake-python"
+    path.write_text(
+        '#!/usr/bin/env bash\nwhile [[ $# -gt 0 ]]; do [[ "$1" == "--out" ]] && out="$2"; shift; done\n'
+        f'jsonl="$out/parts/p.jsonl"\n{body}\n'
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "body, budget, statuses, killed",
+    [
+        # killed while still starting: the part is out of budget, not failed
+        ("sleep 30", 1.5, {"(part)": "out of budget"}, True),
+        # killed in its second item: that one "killed while running", the third "not started"
+        (
+            'echo \'{"kind": "plan", "items": ["a", "b", "c"]}\' > "$jsonl"\n'
+            'echo \'{"part": "p", "item": "a", "status": "ok", "step_s": 0.1}\' >> "$jsonl"\nsleep 30',
+            1.5,
+            {"a": "ok", "b": "out of budget", "c": "out of budget"},
+            True,
+        ),
+        # crashed before planning: failed, with the end of its log
+        ("echo 'ImportError: no module named diffusers'; exit 3", 30, {"(part)": "failed"}, False),
+        # crashed after its first item: the rest failed
+        (
+            'echo \'{"kind": "plan", "items": ["a", "b"]}\' > "$jsonl"\n'
+            'echo \'{"part": "p", "item": "a", "status": "ok", "step_s": 0.1}\' >> "$jsonl"\nexit 1',
+            30,
+            {"a": "ok", "b": "failed"},
+            False,
+        ),
+    ],
+)
+def test_a_part_killed_at_its_budget_or_crashed_is_recorded(tmp_path, monkeypatch, body, budget, statuses, killed):
+    import argparse
+
+    for sub in ("parts", "logs"):
+        (tmp_path / sub).mkdir()
+    monkeypatch.setattr(kit.sys, "executable", _fake_worker(tmp_path, body))
+    args = argparse.Namespace(smoke=True, compile_backend=None, fault=None)
+    records, _, summary = kit.run_part("p", args, tmp_path, budget)
+    assert {r["item"]: r["status"] for r in records} == statuses
+    assert summary["killed"] is killed and summary["seconds"] < 20
+    if killed:
+        assert kit.exit_code(records) == 0 and "budget ran out" in records[-1]["error"]
+        if "b" in statuses:
+            assert "killed while running" in records[1]["error"] and "not started" in records[2]["error"]
+    else:
+        assert kit.exit_code(records) == 1
+        if "(part)" in statuses:
+            assert "ImportError: no module named diffusers" in records[0]["error"]

@@ -200,15 +200,12 @@ def run_part(part: str, args: argparse.Namespace, out: Path, seconds: float) -> 
     records = [r for r in lines if r.get("kind") != "env"]
     seen = {r["item"] for r in records}
     summary = dict(part=part, budget_s=round(seconds, 1), seconds=round(took, 1), returncode=rc, killed=killed)
-    if plan is None:  # it died before planning (import error, no GPU, ...)
-        records.append(
-            dict(
-                part=part,
-                item="(part)",
-                status=FAILED,
-                error=f"the part did not start (rc {rc}): {_log_tail(log_path)}",
-            )
-        )
+    if plan is None and killed:  # still starting (imports, CUDA) when its budget ran out
+        error = f"the part's {seconds:.0f} s budget ran out before it planned its measurements"
+        records.append(dict(part=part, item="(part)", status=OUT_OF_BUDGET, error=error))
+    elif plan is None:  # it died before planning (import error, no GPU, ...)
+        error = f"the part did not start (rc {rc}): {_log_tail(log_path)}"
+        records.append(dict(part=part, item="(part)", status=FAILED, error=error))
     else:
         for i, name in enumerate(n for n in plan if n not in seen):
             if killed:
@@ -323,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         left = deadline - (time.monotonic() - start)
         seconds = min(budgets[part], left)
-        if seconds < 10:
+        if left < 10:  # too little for a worker to start
             records.append(dict(part=part, item="(part)", status=OUT_OF_BUDGET, error="the run's deadline was reached"))
             summaries.append(dict(part=part, budget_s=budgets[part], seconds=0.0, returncode=None, killed=False))
             continue
