@@ -183,3 +183,39 @@ def test_script_entry_point():
         [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--help"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and "--preset" in out.stdout and "sd15-512" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--preset", "ci", "--compile", "no-such-backend"], "Unknown torch.compile backend"),
+        (["--preset", "ci", "--compile", "eager", "--flops-only"], "cannot be combined with --flops-only"),
+    ],
+)
+def test_bad_compile_arguments_are_one_line_errors(args, message, capsys):
+    assert main(["bench", "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_compile_is_in_the_regenerate_command_and_old_json_still_reads():
+    from controlnext.bench import BenchConfig, command_line
+
+    cfg = BenchConfig(preset="ci", compile="inductor", guidance=(True,)).resolved()
+    assert "--compile inductor" in command_line(cfg)
+    # Results saved before the compile fields existed still load (the new fields default to None).
+    row = {"name": "base", "cfg": True, "batch": 2}
+    old = dict(preset="ci", family="sd15", resolution=64, device="cpu", dtype="float32", rows=[row], machine="m")
+    old.update(date="d", versions={}, settings={}, command="c")
+    assert BenchResult.from_json(json.dumps(old)).rows[0].compile_seconds is None
+
+
+def test_step_clock_times_host_work():
+    import time
+
+    from controlnext.bench import StepClock
+
+    clock = StepClock("cpu")
+    clock.start()
+    time.sleep(0.02)
+    assert 0.015 < clock.stop() < 1.0

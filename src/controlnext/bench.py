@@ -3,7 +3,8 @@
 What one run measures, per row (a model combination) and per guidance mode (UNet batch 1, or 2 with classifier-free
 guidance), at the real architecture sizes with randomly initialised weights (nothing is downloaded):
 
-* ``step_seconds``: wall time of one denoising step's model calls (median over the timed steps), with
+* ``step_seconds``: wall time of one denoising step's model calls (median over the timed steps; on CUDA timed with
+  CUDA events, i.e. on the GPU's own clock from the step's first launch to its last kernel), with
   ``overhead`` = the median, over rounds, of (row / base with the same guidance in the same round) - 1. Rows are
   interleaved round-robin (rotating the order every round), so load from other processes hits all rows alike;
 * ``step_cpu_seconds`` / ``cpu_overhead``: the same with process CPU time, which other processes disturb less;
@@ -24,6 +25,13 @@ Rows: ``base`` (the UNet alone), ``controlnext`` (the 3.5M-parameter layout of t
 it), ``controlnext-sd15-release`` (the 5.35M ``sd15`` release layout), ``controlnet``
 (``ControlNetModel.from_unet(unet)``, called as diffusers' pipelines do: ControlNet, then the UNet with its residuals,
 the condition duplicated for guidance). Use :func:`run_benchmark` or ``controlnext bench``.
+
+With ``compile`` set (a ``torch.compile`` backend, e.g. ``inductor``), each row is compiled with its hooks in place and
+timed on its own, rows one after the other: dynamo does not guard on module hooks
+(``torch._dynamo.config.skip_nnmodule_hook_guards``), so a graph compiled for one row would silently be reused by a
+row with different hooks; the compiled code is reset between rows. ``compile_seconds``
+is the time of the first call and the warm-up calls (where compiling and the one expected recompilation happen) minus
+as many steady steps; a recompilation during the timed steps is an error (the timing would include compiling).
 """
 
 from __future__ import annotations
@@ -63,6 +71,13 @@ __all__ = [
     "BenchResult",
     "Preset",
     "RowResult",
+    "StepClock",
+    "build_controlnet",
+    "build_controlnext",
+    "build_random",
+    "build_unet",
+    "make_inputs",
+    "peak_new_bytes",
     "render_markdown",
     "render_table",
     "run_benchmark",
@@ -89,6 +104,7 @@ class BenchConfig:
     dtype: str = "float32"
     threads: int | None = None  # torch intra-op threads (default: torch's)
     seed: int = 0
+    compile: str | None = None  # a torch.compile backend (e.g. "inductor"); None: eager
 
     def resolved(self) -> BenchConfig:
         """A copy with the preset's defaults filled in, validated (raises ValueError with what to change)."""
@@ -122,6 +138,12 @@ class BenchConfig:
         step = 32 if p.tiny else 64  # so that every UNet level (and the encoders' 1/8 output) has an integer size
         if cfg.resolution % step:
             raise ValueError(f"resolution must be a multiple of {step} px for {p.name}, got {cfg.resolution}.")
+        if cfg.compile is not None:
+            if cfg.flops_only:
+                raise ValueError("--compile times compiled steps; it cannot be combined with --flops-only.")
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if cfg.compile not in backends:
+                raise ValueError(f"Unknown torch.compile backend {cfg.compile!r}; choose one of {', '.join(backends)}.")
         if cfg.flops_only:
             cfg = replace(cfg, device="meta", measure=True)
         return cfg
@@ -151,6 +173,8 @@ class RowResult:
     prepare_flops: int | None = None
     peak_mem_bytes: int | None = None
     peak_mem_overhead: float | None = None
+    compile_seconds: float | None = None  # compiled runs: the first and warm-up calls minus as many steady steps
+    compiled_graphs: int | None = None  # graphs dynamo made for the row (more than one: graph breaks)
 
 
 @dataclass
@@ -185,7 +209,8 @@ class BenchResult:
 
 
 # ---------------------------------------------------------------------------------------------- models and inputs
-def _build(factory: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_random(factory: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``factory()``'s model with random weights, created in ``dtype`` on ``device``, frozen and in eval mode."""
     # Random init straight in the target dtype and on the device: no full-size float32 copy on the host first.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -208,7 +233,7 @@ def build_unet(preset: Preset, device: torch.device, dtype: torch.dtype) -> nn.M
             return tiny_unet(preset.family)
         return UNet2DConditionModel(**get_family(preset.family).published_config)
 
-    return _build(make, device, dtype)
+    return build_random(make, device, dtype)
 
 
 def build_controlnext(preset: Preset, row: str, unet: nn.Module, dtype: torch.dtype) -> ControlNeXtModel:
@@ -224,7 +249,7 @@ def build_controlnext(preset: Preset, row: str, unet: nn.Module, dtype: torch.dt
             return tiny_controlnext(variant, out_channels=chans[-1] if variant == "sd15" else chans[0])
         return ControlNeXtModel.from_variant(variant)
 
-    return _build(make, device, dtype)
+    return build_random(make, device, dtype)
 
 
 def build_controlnet(unet: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -232,7 +257,7 @@ def build_controlnet(unet: nn.Module, dtype: torch.dtype) -> nn.Module:
     from diffusers import ControlNetModel
 
     device = unet.device
-    return _build(lambda: ControlNetModel.from_unet(unet), device, dtype)
+    return build_random(lambda: ControlNetModel.from_unet(unet), device, dtype)
 
 
 @dataclass
@@ -244,7 +269,8 @@ class _Inputs:
     timesteps: torch.Tensor
 
 
-def _make_inputs(unet: nn.Module, resolution: int, batch: int, dtype: torch.dtype, seed: int) -> _Inputs:
+def make_inputs(unet: nn.Module, resolution: int, batch: int, dtype: torch.dtype, seed: int) -> _Inputs:
+    """Random latents, text embeddings (and SDXL's added conditions), one condition image and the timesteps."""
     device = unet.device
     g = torch.Generator().manual_seed(seed)
 
@@ -284,6 +310,8 @@ class _Row:
         self.family = family
         self.inputs: _Inputs | None = None
         self.control_cpu = 0.0  # CPU seconds spent in the control path during the current step
+        self.call_unet: Callable[..., Any] = unet  # the UNet as called each step (a compiled wrapper when compiling)
+        self.clock_hooks = True  # time the control path on the host (CPU runs; graph breaks under torch.compile)
 
     @property
     def added(self) -> list[nn.Module]:
@@ -295,10 +323,17 @@ class _Row:
     def begin(self, inputs: _Inputs, guidance: bool) -> None:
         self.inputs = inputs
 
+    def compile(self, backend: str) -> None:
+        """Call compiled wrappers from now on (after :meth:`begin`, so that the row's hooks are traced too)."""
+        self.call_unet = torch.compile(self.unet, backend=backend)
+
+    def uncompile(self) -> None:
+        self.call_unet = self.unet
+
     def _unet(self, t: torch.Tensor, **extra: Any) -> Any:
         i = self.inputs
         kw = {"added_cond_kwargs": i.added} if i.added is not None else {}
-        return self.unet(i.latents, t, encoder_hidden_states=i.text, return_dict=False, **kw, **extra)
+        return self.call_unet(i.latents, t, encoder_hidden_states=i.text, return_dict=False, **kw, **extra)
 
     def step(self, k: int) -> Any:
         return self._unet(self.inputs.timesteps[k % SCHEDULE_STEPS])
@@ -338,7 +373,7 @@ class _ControlNeXtRow(_Row):
         if not self.plain:
             adapter.slots[0].static()  # the timestep-independent prefix: once per generation
         self.adapter = adapter
-        self._clock = _bracket_hooks(self, adapter)
+        self._clock = _bracket_hooks(self, adapter) if self.clock_hooks else []
 
     def step(self, k: int) -> Any:
         self.adapter.set_step(k % SCHEDULE_STEPS)
@@ -361,6 +396,7 @@ class _ControlNetRow(_Row):
     def __init__(self, unet: nn.Module, family: str, controlnet: nn.Module):
         super().__init__(unet, family)
         self.controlnet = controlnet
+        self.call_controlnet: Callable[..., Any] = controlnet
         self.image: torch.Tensor | None = None
 
     @property
@@ -375,12 +411,20 @@ class _ControlNetRow(_Row):
         # The pipeline duplicates the condition for the two guidance halves once, before the loop.
         self.image = torch.cat([inputs.condition] * 2) if guidance else inputs.condition
 
+    def compile(self, backend: str) -> None:
+        super().compile(backend)
+        self.call_controlnet = torch.compile(self.controlnet, backend=backend)
+
+    def uncompile(self) -> None:
+        super().uncompile()
+        self.call_controlnet = self.controlnet
+
     def step(self, k: int) -> Any:
         i = self.inputs
         t = i.timesteps[k % SCHEDULE_STEPS]
         kw = {"added_cond_kwargs": i.added} if i.added is not None else {}
         c0 = time.process_time()
-        down, mid = self.controlnet(
+        down, mid = self.call_controlnet(
             i.latents,
             t,
             encoder_hidden_states=i.text,
@@ -438,6 +482,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StepClock:
+    """Wall time of a block of work on ``device``: CUDA events on CUDA (the GPU's own clock), else ``perf_counter``.
+
+    :meth:`start` synchronises first, so work queued before the block is not counted; :meth:`stop` returns seconds.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        _sync(self.device)
+        if self.cuda:
+            self._events[0].record(torch.cuda.current_stream(self.device))
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            end = self._events[1]
+            end.record(torch.cuda.current_stream(self.device))
+            end.synchronize()
+            return self._events[0].elapsed_time(end) / 1e3
+        return time.perf_counter() - self._t0
+
+
+
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
 
@@ -456,7 +529,7 @@ def _flop_counter():
 
 
 @contextmanager
-def _peak_new_bytes(device: torch.device) -> Iterator[list[int]]:
+def peak_new_bytes(device: torch.device) -> Iterator[list[int]]:
     """Yield a one-element list that holds, on exit, the peak of bytes newly allocated inside the block."""
     out = [0]
     gc.collect()
@@ -488,6 +561,9 @@ def _peak_new_bytes(device: torch.device) -> Iterator[list[int]]:
         live += size
         peak = max(peak, live)
     out[0] = peak
+
+
+_peak_new_bytes = peak_new_bytes  # the earlier private name
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -542,6 +618,8 @@ def command_line(cfg: BenchConfig, docs: str | None = None) -> str:
     if cfg.flops_only:
         parts.append("--flops-only")
     else:
+        if cfg.compile:
+            parts.append(f"--compile {cfg.compile}")
         parts += [f"--repeats {cfg.repeats}", f"--steps {cfg.steps}"]
         if cfg.warmup:
             parts.append(f"--warmup {cfg.warmup}")
@@ -583,7 +661,7 @@ def run_benchmark(
         else:
             module = build_controlnext(preset, name, unet, dtype)
             rows.append(_ControlNeXtRow(unet, preset.family, name, module, plain=name == "controlnext-plain"))
-    inputs = {g: _make_inputs(unet, cfg.resolution, 2 if g else 1, dtype, cfg.seed) for g in cfg.guidance}
+    inputs = {g: make_inputs(unet, cfg.resolution, 2 if g else 1, dtype, cfg.seed) for g in cfg.guidance}
     results = {
         (r.name, g): RowResult(
             name=r.name,
@@ -596,6 +674,8 @@ def run_benchmark(
         for r in rows
     }
     pairs = [(r, g) for g in cfg.guidance for r in rows]
+    for row in rows:
+        row.clock_hooks = cfg.compile is None
 
     with torch.inference_mode():
         if cfg.measure:
@@ -614,13 +694,16 @@ def run_benchmark(
                 res.flops_per_step = flops.get_total_flops()
                 if device.type == "meta":
                     continue
-                with _peak_new_bytes(device) as peak:
+                with peak_new_bytes(device) as peak:
                     row.begin(inputs[g], g)
                     out = row.step(1)
                     del out
                     row.end()
                 res.peak_mem_bytes = _weight_bytes([unet, *row.added]) + peak[0]
-        if not cfg.flops_only:
+        if cfg.compile is not None:
+            visits = _compiled_rounds(cfg, pairs, inputs, device, progress, results)
+            _summarise(results, visits, cfg)
+        elif not cfg.flops_only:
             visits = _timed_rounds(cfg, pairs, inputs, device, progress)
             _summarise(results, visits, cfg)
     _relate(results, cfg)
@@ -643,6 +726,8 @@ def run_benchmark(
             "threads": torch.get_num_threads(),
             "tiny": preset.tiny,
             "description": preset.description,
+            "compile": cfg.compile,
+            "timer": "cuda-events" if device.type == "cuda" else "perf_counter",
         },
         command=command_line(cfg, docs),
         load_average=(load_start, load_end) if load_start is not None else None,
@@ -668,6 +753,7 @@ def _timed_rounds(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="timing", leave=False)
+    clock = StepClock(device)
     k = 0
     for rnd in range(cfg.warmup + cfg.repeats):
         shift = rnd % len(pairs)
@@ -680,12 +766,11 @@ def _timed_rounds(
             wall, cpu, control = [], [], []
             for _ in range(cfg.steps):
                 k += 1
-                _sync(device)
                 row.control_cpu = 0.0
-                t0, c0 = time.perf_counter(), time.process_time()
+                clock.start()
+                c0 = time.process_time()
                 out = row.step(k)
-                _sync(device)
-                wall.append(time.perf_counter() - t0)
+                wall.append(clock.stop())
                 cpu.append(time.process_time() - c0)
                 control.append(row.control_cpu)
                 del out
@@ -699,6 +784,62 @@ def _timed_rounds(
     return visits
 
 
+def _compiled_rounds(
+    cfg: BenchConfig, pairs: list, inputs: dict, device: torch.device, progress: bool, results: dict
+) -> dict[tuple[str, bool], list[tuple[list[float], list[float], float, list[float]]]]:
+    """Compile and time each row on its own (see the module docstring); the same per-round layout as timed rounds."""
+    from torch._dynamo.utils import counters
+
+    visits: dict[tuple[str, bool], list] = {}
+    clock = StepClock(device)
+    warm = max(cfg.warmup, 2)  # the second call recompiles once, when dynamo makes the changing step index dynamic
+    k = 0
+    for row, g in _progress(pairs, progress, "compile"):
+        torch._dynamo.reset()  # no code compiled for another row's hooks
+        graphs0 = counters["stats"]["unique_graphs"]
+        _sync(device)
+        t0 = time.perf_counter()
+        row.begin(inputs[g], g)
+        _sync(device)
+        prepare = time.perf_counter() - t0
+        row.compile(cfg.compile)
+        per_round = []
+        try:
+            warm_times = []  # the first call and the warm-up calls: compiling (and any recompiling) happens here
+            for _ in range(1 + warm):
+                k += 1
+                clock.start()
+                out = row.step(k)
+                warm_times.append(clock.stop())
+                del out
+            graphs = counters["stats"]["unique_graphs"]
+            # A recompilation now would put compile time (or an eager fallback) into the timed steps.
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for _ in range(cfg.repeats):
+                    wall, cpu = [], []
+                    for _ in range(cfg.steps):
+                        k += 1
+                        clock.start()
+                        c0 = time.process_time()
+                        out = row.step(k)
+                        wall.append(clock.stop())
+                        cpu.append(time.process_time() - c0)
+                        del out
+                    per_round.append((wall, cpu, prepare, []))
+            if counters["stats"]["unique_graphs"] != graphs:
+                raise RuntimeError(f"Row {row.name!r} was recompiled during its timed steps; the timing is not valid.")
+        finally:
+            row.uncompile()
+            row.end()
+        res = results[(row.name, g)]
+        res.compiled_graphs = graphs - graphs0
+        steady = statistics.median(s for wall, *_ in per_round for s in wall)
+        res.compile_seconds = sum(warm_times) - len(warm_times) * steady
+        visits[(row.name, g)] = per_round
+    torch._dynamo.reset()
+    return visits
+
+
 def _summarise(results: dict, visits: dict, cfg: BenchConfig) -> None:
     cpu_device = torch.device(cfg.device).type == "cpu"
     for key, res in results.items():
@@ -708,9 +849,10 @@ def _summarise(results: dict, visits: dict, cfg: BenchConfig) -> None:
         res.step_seconds = statistics.median(res.samples)
         res.step_cpu_seconds = statistics.median(res.cpu_samples)
         res.prepare_seconds = statistics.median(p for _, _, p, _ in per_round)
-        if cpu_device and key[0] != "base":  # host clocks say nothing about asynchronous GPU work
-            res.control_cpu_samples = [round(s, 6) for *_, control in per_round for s in control]
-            res.control_cpu_seconds = statistics.median(res.control_cpu_samples)
+        controls = [round(s, 6) for *_, control in per_round for s in control]  # none when compiled
+        if cpu_device and key[0] != "base" and controls:  # host clocks say nothing about asynchronous GPU work
+            res.control_cpu_samples = controls
+            res.control_cpu_seconds = statistics.median(controls)
         base = visits.get(("base", key[1]))
         if base is None:
             continue
@@ -808,13 +950,15 @@ _COLUMNS: list[tuple[str, Callable[[BenchResult, RowResult], str], bool]] = [
     ("trainable params", lambda _, r: _fmt_params(r.trainable_params), False),
     ("peak memory", lambda _, r: _fmt_bytes(r.peak_mem_bytes), True),
     ("memory overhead", lambda _, r: _fmt_pct(r.peak_mem_overhead), True),
+    ("compile s (graphs)", lambda _, r: f"{_fmt_s(r.compile_seconds)} ({r.compiled_graphs})", True),
 ]
 
 
 def render_table(result: BenchResult) -> str:
     """The result as a Markdown table (also readable as plain text)."""
     timed = any(r.step_seconds is not None or r.peak_mem_bytes is not None for r in result.rows)
-    cols = [(h, f) for h, f, needs_time in _COLUMNS if timed or not needs_time]
+    compiled = any(r.compile_seconds is not None for r in result.rows)
+    cols = [(h, f) for h, f, needs_time in _COLUMNS if (timed or not needs_time) and (compiled or h[:7] != "compile")]
     lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(f(result, r) for _, f in cols) + " |" for r in result.rows]
     return "\n".join(lines)

@@ -50,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="do not run: read a saved --json output (its last line) and print/write it",
     )
+    p.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="time torch.compile'd rows (e.g. inductor), each compiled with its hooks and timed on its own",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages on stderr")
     p.set_defaults(func=run)
@@ -106,6 +112,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         dtype=args.dtype,
         threads=args.threads,
         seed=args.seed,
+        compile=args.compile,
     )
     try:
         return config.resolved()
