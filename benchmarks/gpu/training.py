@@ -4,7 +4,7 @@ ControlNet training step, at the same batch, bf16 mixed precision, gradient chec
 ControlNeXt: the project's own pieces of ``controlnext train`` (``controlnext.training``): the published trainable set
 (the whole ``sdxl`` control module plus the UNet's ``.*attn2.*to_out.*`` projections, selected by
 ``select_unet_parameters`` / ``apply_trainable``), its optimizer groups (``parameter_groups``, AdamW with
-``TrainConfig``'s defaults), the ``ControlledUNet`` wrapper the loop trains (module attached for each forward,
+``TrainConfig``'s defaults), the ``ControlledBackbone`` wrapper the loop trains (module attached for each forward,
 timestep-independent prefix recomputed so gradients reach it), frozen weights in bf16 and trained ones in float32
 as the loop keeps them, bf16 autocast as accelerate's ``--mixed-precision bf16`` applies it, gradient clipping at
 ``max_grad_norm``; checkpointing on the UNet and the module, as ``--gradient-checkpointing`` does.
@@ -52,9 +52,9 @@ def measure(smoke: bool, method: str, checkpointing: bool) -> dict[str, Any]:
         make_inputs,
         peak_new_bytes,
     )
-    from controlnext.training import ControlledUNet, TrainConfig
+    from controlnext.families import get_family
+    from controlnext.training import ControlledBackbone, TrainConfig
     from controlnext.training.trainable import (
-        DEFAULT_UNET_PATTERNS,
         apply_trainable,
         parameter_groups,
         select_unet_parameters,
@@ -73,13 +73,13 @@ def measure(smoke: bool, method: str, checkpointing: bool) -> dict[str, Any]:
 
     if method == "controlnext":
         module = build_controlnext(preset, "controlnext", unet, torch.float32)
-        names = select_unet_parameters(unet, DEFAULT_UNET_PATTERNS[preset.family])
+        names = select_unet_parameters(unet, list(get_family(preset.family).trainable_patterns))
         trainable = apply_trainable(unet, module, names)
         params = dict(unet.named_parameters())
         for n in names:  # trained weights stay float32 for the optimizer
             params[n].data = params[n].data.float()
         groups = parameter_groups(unet, module, names, cfg.learning_rate, cfg.unet_learning_rate)
-        model = ControlledUNet(unet, module)
+        model = ControlledBackbone(unet, module)
         if checkpointing:
             unet.enable_gradient_checkpointing()
             module.enable_gradient_checkpointing()
@@ -88,7 +88,7 @@ def measure(smoke: bool, method: str, checkpointing: bool) -> dict[str, Any]:
         models = [unet, module]
 
         def forward(t: torch.Tensor) -> torch.Tensor:
-            return model(inputs.latents, t, inputs.text, cond, added)
+            return model(inputs.latents, t, encoder_hidden_states=inputs.text, condition=cond, added_cond_kwargs=added)
 
     elif method == "controlnet":
         controlnet = build_controlnet(unet, torch.float32).requires_grad_(True).train()

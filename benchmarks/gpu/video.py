@@ -57,7 +57,7 @@ SVD_IMAGE_ENCODER: dict[str, Any] = dict(
 
 
 def _settings(smoke: bool) -> dict[str, Any]:
-    if smoke:  # tiny random SVD models (controlnext.pipelines.svd.tiny_svd_components), 64x128 px, 4 and 6 frames
+    if smoke:  # tiny random SVD models (controlnext.testing.tiny_svd_components), 64x128 px, 4 and 6 frames
         return dict(device="cpu", dtype="float32", height=64, width=128, windows=(4, 6), budget=64 * 2**20)
     return dict(device="cuda", dtype="float16", height=576, width=1024, windows=(14, 24), budget=GPU_BUDGET)
 
@@ -67,8 +67,8 @@ def _pipeline(smoke: bool, device: str, dtype_name: str, offload: bool):
 
     from controlnext.bench import build_random
     from controlnext.models.controlnext import ControlNeXtModel
-    from controlnext.pipelines.svd import StableVideoDiffusionControlNeXtPipeline, tiny_svd_components
-    from controlnext.tiny import tiny_controlnext
+    from controlnext.pipelines.svd import StableVideoDiffusionControlNeXtPipeline
+    from controlnext.testing import tiny_controlnext, tiny_svd_components
 
     dtype = getattr(torch, dtype_name)
     comps = tiny_svd_components()  # the release's scheduler and feature extractor settings
