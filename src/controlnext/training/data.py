@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..sources import require_dataset_source
+
 __all__ = [
     "BadRowError",
     "ColumnNames",
@@ -234,14 +236,19 @@ def open_source(
         if path.name in METADATA_FILES or path.suffix in (".jsonl", ".csv"):
             return MetadataFolder(path, columns)
         raise ValueError(f"Dataset file {path} is neither a .parquet file nor a metadata.jsonl/.csv file.")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise FileNotFoundError(f"Dataset {spec!r} does not exist.")
+    require_dataset_source(spec, "Dataset")
     import datasets
 
     try:
         ds = datasets.load_dataset(spec, config_name, split=split, cache_dir=cache_dir)
-    except Exception as err:  # network, unknown id, ...: say what was tried
-        raise ValueError(f"Dataset {spec!r} is not a local path and could not be loaded from the hub: {err}") from err
+    except Exception as err:  # network, unknown id, ...: say what was tried, in one line
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, ConnectionError):
+            reason = "the hub cannot be reached (offline?)"
+        raise ValueError(
+            f"Dataset {spec!r} is not a local path and could not be loaded from the hub: {reason}. Give an existing "
+            "dataset folder or file, or a hub dataset id while online."
+        ) from err
     return HFDatasetSource(ds, columns, spec)
 
 
