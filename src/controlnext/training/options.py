@@ -31,6 +31,7 @@ __all__ = [
     "config_from_namespace",
     "default_mixed_precision",
     "format_default",
+    "given_as",
     "option",
     "shared",
 ]
@@ -238,6 +239,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse
     if any(getattr(a, "deprecated", ()) for a in parser._actions):
         parser.formatter_class = _HelpFormatter
     return parser
+
+
+def given_as(args: argparse.Namespace, name: str) -> list[str]:
+    """The spellings option ``name`` was given as (recorded for the options that have old spellings)."""
+    return list(getattr(args, _SPELLINGS + name, []))
 
 
 def config_from_namespace(cls: type, args: argparse.Namespace) -> Any:

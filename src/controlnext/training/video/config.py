@@ -19,6 +19,7 @@ from ..options import (
     add_config_arguments,
     config_from_namespace,
     default_mixed_precision,
+    given_as,
     option,
     shared,
 )
@@ -197,9 +198,10 @@ def add_video_train_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
 def video_config_from_args(args: argparse.Namespace) -> VideoTrainConfig:
     """The :class:`VideoTrainConfig` of parsed :func:`add_video_train_arguments` options."""
     cfg = config_from_namespace(VideoTrainConfig, args)
-    given = vars(args)  # only the options given on the command line (see add_config_arguments)
-    # train-video's --learning-rate used to be the UNet's rate: say so when it now leaves the UNet at another rate.
-    if "learning_rate" in given and "unet_learning_rate" not in given and cfg.train_unet != ["none"]:
+    # train-video's --learning-rate used to be the UNet's rate: say so when it now leaves the UNet at another rate
+    # (vars(args) holds only the options that were given; see add_config_arguments).
+    new_spelling = "--learning-rate" in given_as(args, "learning_rate")
+    if new_spelling and "unet_learning_rate" not in vars(args) and cfg.train_unet != ["none"]:
         if cfg.learning_rate != cfg.unet_learning_rate:
             print(
                 f"note: --learning-rate {cfg.learning_rate:g} is the control module's rate; the UNet trains at "
