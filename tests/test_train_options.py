@@ -224,3 +224,22 @@ def test_make_dataset_rerun_with_a_smaller_n_leaves_no_stale_files(tmp_path, cap
     listed = {r["file_name"] for r in rows} | {r["conditioning_image_file_name"] for r in rows}
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*.png")}
     assert len(rows) == 2 and on_disk == listed
+
+
+def test_a_hub_dataset_without_network_is_one_request_and_one_line(monkeypatch):
+    import datasets
+    from huggingface_hub import HfApi, constants
+
+    from controlnext.training.data import open_source
+
+    def no_network(self, repo_id, **kw):
+        raise RuntimeError("[Errno -2] Name or service not known")  # what the HTTP client raises, not an OSError
+
+    def never(*a, **k):
+        raise AssertionError("datasets.load_dataset (a minute of retries) was called")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "dataset_info", no_network)
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    with pytest.raises(ValueError, match=r"^Dataset 'owner/data' is not a local path .*the hub cannot be reached"):
+        open_source("owner/data")
