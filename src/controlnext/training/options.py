@@ -25,6 +25,7 @@ from dataclasses import MISSING, dataclass
 from typing import Any
 
 __all__ = [
+    "GROUPS",
     "Option",
     "SHARED",
     "add_config_arguments",
