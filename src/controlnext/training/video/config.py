@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...families import get_family
+from ...sources import is_local_path, require_model_source
 from ..config import MAX_RESOLUTION, check_range
 from ..options import (
     CONDITIONING,
@@ -198,6 +199,8 @@ def add_video_train_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
 def video_config_from_args(args: argparse.Namespace) -> VideoTrainConfig:
     """The :class:`VideoTrainConfig` of parsed :func:`add_video_train_arguments` options."""
     cfg = config_from_namespace(VideoTrainConfig, args)
+    if is_local_path(cfg.pretrained_model):  # a mistyped path is named here, not sent to the hub
+        require_model_source(cfg.pretrained_model, "--model")
     # train-video's --learning-rate used to be the UNet's rate: say so when it now leaves the UNet at another rate
     # (vars(args) holds only the options that were given; see add_config_arguments).
     new_spelling = "--learning-rate" in given_as(args, "learning_rate")
