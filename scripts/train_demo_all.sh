@@ -32,7 +32,7 @@ fi
 for COND in edges mask; do
     [ -f "$BUILD/data_$COND/dataset.json" ] \
         || controlnext make-dataset "$BUILD/data_$COND" --n 4000 --seed 1 --condition "$COND"
-    CMD=(controlnext train --pretrained-model "$BUILD/base" --dataset "$BUILD/data_$COND"
+    CMD=(controlnext train --model "$BUILD/base" --dataset "$BUILD/data_$COND"
          --controlnext-variant sd15-training --controlnext-config "$MODULE_CONFIG" --train-unet none
          --resolution 64 --caption-dropout 0.1 --train-batch-size 16 --learning-rate 1e-3
          --max-train-steps "$MODULE_STEPS" --checkpointing-steps 250 --seed 0 --cpu --cpu-threads "$THREADS"

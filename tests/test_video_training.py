@@ -146,7 +146,7 @@ def base_dir(tmp_path_factory):
 def _cfg(base_dir, data_root, out, **kw):
     return VideoTrainConfig(
         pretrained_model=str(base_dir), dataset=str(data_root), output_dir=str(out), width=64, height=64,
-        num_frames=4, sample_stride=1, controlnext_config="tiny", learning_rate=1e-3, **kw,
+        num_frames=4, sample_stride=1, controlnext_config="tiny", learning_rate=1e-3, unet_learning_rate=1e-3, **kw,
     )  # fmt: skip
 
 
@@ -204,7 +204,7 @@ def test_control_only_training_saves_deltas_and_cli_errors(base_dir, data_root, 
 def test_config_refuses_non_finite_rates_and_oversized_frames(tmp_path):
     for kw, message in [
         (dict(learning_rate=float("inf")), "learning_rate must be a finite number, got inf"),
-        (dict(control_learning_rate=float("nan")), "control_learning_rate must be a finite number, got nan"),
+        (dict(unet_learning_rate=float("nan")), "unet_learning_rate must be a finite number, got nan"),
         (dict(learning_rate=5.0), r"learning_rate must be in \[0, 1\], got 5.0"),
         (dict(adam_epsilon=0.0), r"adam_epsilon must be in \(0, 1\]"),
         (dict(width=100000), "width must be at most 4096, got 100000"),
@@ -259,3 +259,38 @@ def test_a_folder_in_use_by_another_run_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait(timeout=60)
+
+
+def test_learning_rates_reach_their_groups_and_changed_settings_resume_only_when_allowed(
+    base_dir, data_root, tmp_path, monkeypatch, caplog
+):
+    import dataclasses
+    import logging
+
+    from controlnext.training.video import loop
+
+    real, rates = loop.parameter_groups, []
+
+    def recording(*args):
+        groups = real(*args)
+        rates.append({g["name"]: g["lr"] for g in groups})
+        return groups
+
+    monkeypatch.setattr(loop, "parameter_groups", recording)
+
+    def cfg(**kw):
+        # _cfg's learning_rate 1e-3 is the module's; the UNet's is set apart here to tell the two groups apart
+        return dataclasses.replace(
+            _cfg(base_dir, data_root, tmp_path / "a", checkpointing_steps=1, probe_loss=False, **kw),
+            unet_learning_rate=2e-4,
+        )
+
+    train_video(cfg(max_train_steps=1))
+    assert rates == [{"control": 1e-3, "unet": 2e-4}]  # --learning-rate is the module's, as in `controlnext train`
+
+    again = dict(max_train_steps=2, resume_from_checkpoint="latest", seed=1)
+    with pytest.raises(ValueError, match=r"different data settings \(seed: 0 -> 1\).*--allow-changed-settings"):
+        train_video(cfg(**again))
+    with caplog.at_level(logging.WARNING, logger="controlnext.train"):
+        run = train_video(cfg(allow_changed_settings=True, **again))
+    assert run.global_step == 2 and "seed: 0 -> 1" in caplog.text

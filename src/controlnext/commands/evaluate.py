@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..cli import UserError
+from ..sources import require_model_source
 from . import add_sampling_options
 
 
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     module_path = args.module or (str(assets / kind / "controlnext.safetensors") if assets else None)
     if base is None or module_path is None:
         raise UserError("the shipped demo model is not installed: pass --base and --module")
+    if args.base is not None:
+        require_model_source(args.base, "--base")
     import torch
 
     if args.base is None and args.module is None and assets:

@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "conditioning_image_file_name and text. Deterministic from --seed."
         ),
     )
-    p.add_argument("out", type=Path, help="output folder (created; must be empty or a previous shapes dataset)")
+    p.add_argument(
+        "out", type=Path, help="output folder (created; empty, or a previous shapes dataset, which is replaced)"
+    )
     p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("--condition", choices=("edges", "mask"), default="edges", help="condition type (default edges)")

@@ -15,7 +15,6 @@ def register(subparsers) -> None:
             "Train a ControlNeXt control module on a stock SD1.5/SDXL UNet with accelerate. Runs in this process; "
             "for several GPUs or nodes use `accelerate launch -m controlnext.train` with the same options."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_train_arguments(parser)
     parser.set_defaults(func=run)

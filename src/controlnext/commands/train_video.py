@@ -13,7 +13,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a video ControlNeXt module on SVD (accelerate)",
         description="Train a ControlNeXt module (and the SVD UNet, as published) on video + pose clips. "
         "Also runnable as `accelerate launch -m controlnext.training.video ...`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_video_train_arguments(parser)
     parser.set_defaults(func=run)

@@ -29,7 +29,8 @@ def write_dataset(
 ) -> Path:
     """Render ``n`` samples with ``seed`` and write them (with ``condition`` images) under ``out``; returns ``out``.
 
-    Refuses to write into a non-empty folder that is not a previous shapes dataset (so nothing else is overwritten).
+    Refuses to write into a non-empty folder that is not a previous shapes dataset (so nothing else is overwritten);
+    over a previous one, the images it had beyond this run's are removed.
     """
     if n < 1:
         raise ValueError(f"n must be a positive number of samples, got {n}.")
@@ -41,10 +42,11 @@ def write_dataset(
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "conditioning_images").mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(n - 1)))
-    rows = []
+    rows, written = [], set()
     for i in tqdm(range(n), desc="shapes", unit="img", disable=not progress):
         s = render_sample(seed, i, size)
         name = f"{i:0{width}d}.png"
+        written.add(name)
         Image.fromarray(s.image).save(out / "images" / name)
         Image.fromarray(condition_image(s, condition)).save(out / "conditioning_images" / name)
         meta = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.meta.items()}
@@ -56,6 +58,11 @@ def write_dataset(
                 **meta,
             }
         )
+    # A previous run with a larger n (or other names) leaves images that metadata.jsonl no longer lists.
+    for folder in ("images", "conditioning_images"):
+        for stale in (out / folder).glob("*.png"):
+            if stale.name not in written:
+                stale.unlink()
     with open(out / "metadata.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

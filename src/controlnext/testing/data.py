@@ -3,7 +3,7 @@
 Used by the tests and for smoke-testing a training setup without downloads::
 
     python -c "from controlnext.testing.data import *; write_tiny_base('base'); write_shapes_dataset('data')"
-    controlnext train --pretrained-model base --dataset data --resolution 64 --controlnext-config tiny ...
+    controlnext train --model base --dataset data --resolution 64 --controlnext-config tiny ...
 """
 
 from __future__ import annotations

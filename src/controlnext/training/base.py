@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..families import detect_family, get_family
+from ..sources import require_model_source
 
 __all__ = ["BaseModel", "PromptEncoder", "load_base_model"]
 
@@ -60,8 +61,8 @@ def load_base_model(
                 f"Base model folder {local} lacks {', '.join(missing)}/: expected the diffusers layout "
                 "(unet/, vae/, text_encoder/, tokenizer/, scheduler/, and text_encoder_2/, tokenizer_2/ for SDXL)."
             )
-    elif str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
-        raise FileNotFoundError(f"Base model {path_or_id!r}: no such folder, and not a hub id ('owner/name').")
+    else:
+        require_model_source(path_or_id, "Base model")
     kw = _hub_kwargs(revision, variant)
     try:
         return _load(path_or_id, family, kw, revision, vae_path)

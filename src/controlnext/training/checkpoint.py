@@ -14,6 +14,8 @@ lists every file with its size and SHA-256 (and its own SHA-256), so a checkpoin
 or bytes changed in place) is detected when resuming; ``latest`` then falls back to the newest intact checkpoint,
 with a warning.
 
+:func:`check_resume_settings` is the one rule of both training loops for resuming under changed settings.
+
 Also here: the lock that keeps two runs out of one output folder (:func:`lock_output_dir`), and
 :func:`finish_safetensors`, which makes a written ``.safetensors`` file reproducible (metadata in sorted order)
 and readable like any other output (the umask's mode, not the 0600 that safetensors gives its files).
@@ -36,6 +38,7 @@ __all__ = [
     "LATEST",
     "MANIFEST",
     "OutputDirLocked",
+    "check_resume_settings",
     "complete_checkpoints",
     "finish_safetensors",
     "latest_checkpoint",
@@ -368,3 +371,26 @@ def lock_output_dir(folder: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def check_resume_settings(
+    checkpoint: str | Path, saved: dict, current: dict, allow_changed: bool = False, warn: bool = True
+) -> None:
+    """Refuse to resume ``checkpoint`` when a setting that decides the data order changed since it was written.
+
+    ``saved`` and ``current`` map setting names to values (a setting the checkpoint does not record is not
+    compared). The ValueError names each change as ``setting: old -> new``; with ``allow_changed``
+    (``--allow-changed-settings``) it is a warning instead (logged when ``warn``), and training continues with
+    the new settings.
+    """
+    changed = [f"{k}: {saved[k]} -> {v}" for k, v in current.items() if k in saved and saved[k] != v]
+    if not changed:
+        return
+    what = f"Checkpoint {checkpoint} was written with different data settings ({', '.join(changed)})"
+    if not allow_changed:
+        raise ValueError(
+            f"{what}: resume with the same settings, or pass --allow-changed-settings to continue with the new ones "
+            "(the data order then differs from the original run)."
+        )
+    if warn:
+        log.warning("%s; continuing with the new ones (--allow-changed-settings): the data order differs.", what)

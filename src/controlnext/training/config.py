@@ -6,10 +6,23 @@ import argparse
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..families import families, get_family
+from ..sources import is_local_path, require_dataset_source, require_model_source
+from .options import (
+    DATA,
+    MODEL,
+    OPTIMISATION,
+    OUTPUTS,
+    VALIDATION,
+    add_config_arguments,
+    config_from_namespace,
+    default_mixed_precision,
+    option,
+    shared,
+)
 
 __all__ = [
     "MAX_RESOLUTION",
@@ -50,84 +63,188 @@ def check_range(
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. ``None`` fields take the base model family's published default."""
+    """Everything a training run needs. ``None`` fields take the base model family's published default.
+
+    Each field's command-line form (``controlnext train --help``) is declared with it; see :mod:`.options`.
+    """
 
     # model
-    pretrained_model: str = ""
-    output_dir: str = "controlnext-model"
-    family: str = "auto"
-    revision: str | None = None
-    base_variant: str | None = None
-    pretrained_vae: str | None = None
-    controlnext: str | None = None
-    controlnext_variant: str | None = None
-    controlnext_config: str | None = None
-    control_injection: str = "cross_norm"
-    train_unet: list[str] | None = None
+    pretrained_model: str = shared(
+        "pretrained_model",
+        "",
+        flags=("--model", "--pretrained-model-name-or-path"),
+        help="Base model: a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a hub id "
+        "('owner/name').",
+    )
+    output_dir: str = shared("output_dir", "controlnext-model")
+    family: str = option(
+        "auto",
+        help="Base model family; auto: detected from the base model.",
+        choices=lambda: ["auto", *_image_families()],
+        group=MODEL,
+    )
+    revision: str | None = option(None, help="Hub revision of the base model.", default_text="main", group=MODEL)
+    base_variant: str | None = option(
+        None,
+        help="Hub file variant of the base model weights (e.g. fp16).",
+        default_text="the plain files",
+        group=MODEL,
+    )
+    pretrained_vae: str | None = option(
+        None, help="A different VAE (e.g. an fp16-safe SDXL VAE).", default_text="the base model's", group=MODEL
+    )
+    controlnext: str | None = shared("controlnext", None)
+    controlnext_variant: str | None = option(
+        None,
+        help="Layout of a new control module.",
+        choices=lambda: [v for name in _image_families() for v in get_family(name).variants],
+        default_text="the family's: sd15-training for SD1.5, sdxl for SDXL",
+        group=MODEL,
+    )
+    controlnext_config: str | None = shared("controlnext_config", None)
+    control_injection: str = option(
+        "cross_norm",
+        help="cross_norm (ControlNeXt) or zero_conv (the paper's ablation: zero-initialised 1x1 conv).",
+        choices=("cross_norm", "zero_conv"),
+        group=MODEL,
+    )
+    train_unet: list[str] | None = shared(
+        "train_unet",
+        None,
+        help="Regexes (re.search) of UNet parameter names to train; 'none' trains the control module only.",
+        default_text="as published: 'to_out' for SD1.5, '.*attn2.*to_out.*' for SDXL",
+    )
     # data
-    dataset: str = ""
-    dataset_config: str | None = None
-    dataset_split: str = "train"
-    cache_dir: str | None = None
-    image_column: str = "image"
-    condition_column: str = "conditioning_image"
-    caption_column: str = "text"
-    resolution: int | None = None
-    center_crop: bool = False
-    random_flip: bool = False
-    bucketing: bool = False
-    bucket_step: int = 64
-    caption_dropout: float = 0.0
-    on_bad_row: str = "skip"
-    check_data: bool = True
-    max_train_samples: int | None = None
-    dataloader_num_workers: int = 0
+    dataset: str = option(
+        "",
+        help="imagefolder with metadata.jsonl/csv, saved dataset, .parquet file/folder, or hub dataset id.",
+        flags=("--dataset", "--dataset-name", "--train-data-dir"),
+        required=True,
+        group=DATA,
+    )
+    dataset_config: str | None = option(None, help="Hub dataset configuration name.", default_text="the hub's default",
+                                        group=DATA)  # fmt: skip
+    dataset_split: str = option("train", help="Dataset split to train on.", group=DATA)
+    cache_dir: str | None = option(
+        None, help="Cache folder for hub datasets.", default_text="the datasets library's", group=DATA
+    )
+    image_column: str = option("image", help="Column of the target images.", group=DATA)
+    condition_column: str = option(
+        "conditioning_image",
+        help="Column of the condition images.",
+        flags=("--condition-column", "--conditioning-image-column"),
+        group=DATA,
+    )
+    caption_column: str = option("text", help="Column of the captions.", group=DATA)
+    resolution: int | None = option(
+        None, help="Training size in pixels (a multiple of 8).", default_text="512 for SD1.5, 1024 for SDXL", group=DATA
+    )
+    center_crop: bool = option(False, help="Center crop instead of random crop.", group=DATA)
+    random_flip: bool = option(False, help="Flip image and condition together with probability 0.5.", group=DATA)
+    bucketing: bool = option(
+        False, help="Group images into aspect-ratio buckets of about resolution² pixels.", group=DATA
+    )
+    bucket_step: int = option(64, help="Bucket sides are multiples of this.", group=DATA)
+    caption_dropout: float = option(
+        0.0,
+        help="Probability of an empty caption (for classifier-free guidance).",
+        flags=("--caption-dropout", "--proportion-empty-prompts"),
+        group=DATA,
+    )
+    on_bad_row: str = option(
+        "skip",
+        help="Skip bad rows (reported and counted) or stop at the first one.",
+        choices=("skip", "error"),
+        group=DATA,
+    )
+    check_data: bool = option(True, help="Check every row's files and sizes before training.", group=DATA)
+    max_train_samples: int | None = option(
+        None, help="Use only the first N rows (debugging).", default_text="all rows", group=DATA
+    )
+    dataloader_num_workers: int = shared("dataloader_num_workers", 0)
     # optimisation
-    seed: int = 0
-    train_batch_size: int = 4
-    num_train_epochs: int = 1
-    max_train_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    learning_rate: float = 1e-4
-    unet_learning_rate: float = 1e-5
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    use_8bit_adam: bool = False
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: str | None = None
-    allow_tf32: bool = False
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    prediction_type: str | None = None
-    text_embedding_cache: int = 1024
-    cpu_threads: int | None = None
-    cpu: bool = False
+    seed: int = shared("seed", 0)
+    train_batch_size: int = shared("train_batch_size", 4)
+    num_train_epochs: int = shared("num_train_epochs", 1)
+    max_train_steps: int | None = shared("max_train_steps", None)
+    gradient_accumulation_steps: int = shared("gradient_accumulation_steps", 1)
+    gradient_checkpointing: bool = shared("gradient_checkpointing", False)
+    learning_rate: float = shared("learning_rate", 1e-4)
+    unet_learning_rate: float = shared("unet_learning_rate", 1e-5)
+    scale_lr: bool = option(
+        False, help="Multiply learning rates by batch size x accumulation x processes.", group=OPTIMISATION
+    )
+    lr_scheduler: str = shared("lr_scheduler", "constant")
+    lr_warmup_steps: int = shared("lr_warmup_steps", 0)
+    lr_num_cycles: int = option(1, help="Cycles of the cosine_with_restarts schedule.", group=OPTIMISATION)
+    lr_power: float = option(1.0, help="Power of the polynomial schedule.", group=OPTIMISATION)
+    use_8bit_adam: bool = option(False, help="8-bit AdamW from bitsandbytes (must be installed).", group=OPTIMISATION)
+    adam_beta1: float = shared("adam_beta1", 0.9)
+    adam_beta2: float = shared("adam_beta2", 0.999)
+    adam_weight_decay: float = shared("adam_weight_decay", 1e-2)
+    adam_epsilon: float = shared("adam_epsilon", 1e-8)
+    max_grad_norm: float = shared("max_grad_norm", 1.0)
+    mixed_precision: str = shared("mixed_precision", default_factory=default_mixed_precision)
+    allow_tf32: bool = option(False, help="Allow TF32 matmuls on Ampere+ GPUs.", group=OPTIMISATION)
+    use_ema: bool = option(
+        False, help="Keep an EMA of the trained weights (exported instead of the raw weights).", group=OPTIMISATION
+    )
+    ema_decay: float = option(0.9999, help="EMA decay (with --use-ema).", group=OPTIMISATION)
+    snr_gamma: float | None = option(
+        None, help="Min-SNR loss weighting gamma (5.0 is typical).", default_text="no weighting", group=OPTIMISATION
+    )
+    noise_offset: float = option(
+        0.0, help="Noise offset (adds low-frequency noise to the training noise).", group=OPTIMISATION
+    )
+    prediction_type: str | None = option(
+        None,
+        help="Training target.",
+        choices=("epsilon", "v_prediction"),
+        default_text="the base scheduler's",
+        group=OPTIMISATION,
+    )
+    text_embedding_cache: int = option(
+        1024, help="Captions whose embeddings are kept (0: encode every batch).", group=OPTIMISATION
+    )
+    cpu_threads: int | None = option(
+        None, help="torch CPU threads per process (1 is best on a shared machine).", default_text="torch's choice",
+        group=OPTIMISATION,
+    )  # fmt: skip
+    cpu: bool = option(
+        False, help="Train on the CPU even if a GPU is present (also chosen when none is).", group=OPTIMISATION
+    )
     # checkpoints and outputs
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    exit_after_steps: int | None = None
-    save_unet_as: str = "values"
+    checkpointing_steps: int = shared("checkpointing_steps", 500)
+    checkpoints_total_limit: int | None = shared("checkpoints_total_limit", None)
+    resume_from_checkpoint: str | None = shared("resume_from_checkpoint", None)
+    allow_changed_settings: bool = shared("allow_changed_settings", False)
+    exit_after_steps: int | None = option(
+        None,
+        help="Stop after this many steps in this invocation (checkpoint written; resume with "
+        "--resume-from-checkpoint latest), e.g. for time-limited cluster jobs.",
+        default_text="run to the end",
+        group=OUTPUTS,
+    )
+    save_unet_as: str = shared("save_unet_as", "values")
     # validation and logging
-    validation_prompt: list[str] = field(default_factory=list)
-    validation_image: list[str] = field(default_factory=list)
-    validation_steps: int = 100
-    num_validation_images: int = 1
-    validation_inference_steps: int = 20
-    validation_guidance_scale: float = 7.5
-    report_to: str = "tensorboard"
-    tracker_project_name: str = "controlnext"
-    logging_steps: int = 1
+    validation_prompt: list[str] = option(
+        default_factory=list, help="Prompts of the validation images.", default_text="no validation", group=VALIDATION
+    )
+    validation_image: list[str] = option(
+        default_factory=list, help="Condition images for validation.", default_text="no validation", group=VALIDATION
+    )
+    validation_steps: int = option(100, help="Validate every N steps.", group=VALIDATION)
+    num_validation_images: int = option(1, help="Images per validation prompt.", group=VALIDATION)
+    validation_inference_steps: int = option(20, help="Denoising steps of the validation images.", group=VALIDATION)
+    validation_guidance_scale: float = option(7.5, help="Guidance scale of the validation images.", group=VALIDATION)
+    report_to: str = option(
+        "tensorboard",
+        help="Where metrics are logged.",
+        choices=("none", "tensorboard", "wandb", "all"),
+        group=VALIDATION,
+    )
+    tracker_project_name: str = option("controlnext", help="Project name of the tracker.", group=VALIDATION)
+    logging_steps: int = option(1, help="Log metrics every N steps.", group=VALIDATION)
     # the command line that made this config (for the model card); filled in by the entry points
     command: str | None = None
 
@@ -138,8 +255,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(msg)
 
-        need(bool(self.pretrained_model), "--pretrained-model is required (a diffusers folder or hub id).")
+        need(bool(self.pretrained_model), "--model is required (a diffusers folder or hub id).")
         need(bool(self.dataset), "--dataset is required (a local folder/file or a hub dataset id).")
+        if is_local_path(self.pretrained_model):  # a mistyped path is named here, not sent to the hub
+            require_model_source(self.pretrained_model, "--model")
+        require_dataset_source(self.dataset, "--dataset")
         known = ["auto", *_image_families()]
         need(self.family in known, f"--family must be one of {', '.join(known)}; got {self.family!r}.")
         need(
@@ -214,7 +334,7 @@ class TrainConfig:
             f"--save-unet-as must be values or deltas, got {self.save_unet_as!r}.",
         )
         need(
-            self.mixed_precision in (None, "no", "fp16", "bf16"),
+            self.mixed_precision in ("no", "fp16", "bf16"),
             f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}.",
         )
         need(
@@ -272,186 +392,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _bool_flag(parser, name: str, default: bool, help: str) -> None:
-    parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every training option to ``parser`` (shared by ``controlnext train`` and ``python -m controlnext.train``)."""
-    d = TrainConfig()
-    g = parser.add_argument_group("base model and control module")
-    g.add_argument(
-        "--pretrained-model",
-        "--pretrained-model-name-or-path",
-        dest="pretrained_model",
-        required=True,
-        help="Base model: a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or hub id.",
-    )
-    g.add_argument(
-        "--family", default=d.family, choices=["auto", *_image_families()], help="Base model family (default: detected)"
-    )
-    g.add_argument("--revision", default=None, help="Hub revision of the base model.")
-    g.add_argument("--base-variant", default=None, help="Hub file variant of the base model weights (e.g. fp16).")
-    g.add_argument("--pretrained-vae", default=None, help="A different VAE (e.g. an fp16-safe SDXL VAE).")
-    g.add_argument(
-        "--controlnext", default=None, help="Start from this control module (folder, file or hub id) instead of random."
-    )
-    g.add_argument(
-        "--controlnext-variant",
-        default=None,
-        choices=[v for name in _image_families() for v in get_family(name).variants],
-        help="Layout of a new control module (default: the family's, sd15-training for SD1.5, sdxl for SDXL).",
-    )
-    g.add_argument(
-        "--controlnext-config",
-        default=None,
-        help="Overrides of the new module's config: 'tiny', inline JSON or a JSON file (e.g. channel counts).",
-    )
-    g.add_argument(
-        "--control-injection",
-        default=d.control_injection,
-        choices=["cross_norm", "zero_conv"],
-        help="cross_norm (ControlNeXt) or zero_conv (the paper's ablation: zero-initialised 1x1 conv).",
-    )
-    g.add_argument(
-        "--train-unet",
-        nargs="+",
-        default=None,
-        metavar="PATTERN",
-        help="Regexes (re.search) of UNet parameter names to train; 'none' trains the control module only. "
-        "Default: 'to_out' for SD1.5, '.*attn2.*to_out.*' for SDXL (as published).",
-    )
-
-    g = parser.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        "--dataset-name",
-        "--train-data-dir",
-        dest="dataset",
-        required=True,
-        help="imagefolder with metadata.jsonl/csv, saved dataset, .parquet file/folder, or hub dataset id.",
-    )
-    g.add_argument("--dataset-config", default=None, help="Hub dataset configuration name.")
-    g.add_argument("--dataset-split", default=d.dataset_split)
-    g.add_argument("--cache-dir", default=None, help="Cache folder for hub datasets.")
-    g.add_argument("--image-column", default=d.image_column)
-    g.add_argument(
-        "--condition-column", "--conditioning-image-column", dest="condition_column", default=d.condition_column
-    )
-    g.add_argument("--caption-column", default=d.caption_column)
-    g.add_argument("--resolution", type=int, default=None, help="Training size (default 512 SD1.5, 1024 SDXL).")
-    _bool_flag(g, "--center-crop", d.center_crop, "Center crop instead of random crop.")
-    _bool_flag(g, "--random-flip", d.random_flip, "Flip image and condition together with probability 0.5.")
-    _bool_flag(g, "--bucketing", d.bucketing, "Group images into aspect-ratio buckets of about resolution² pixels.")
-    g.add_argument("--bucket-step", type=int, default=d.bucket_step, help="Bucket sides are multiples of this.")
-    g.add_argument(
-        "--caption-dropout",
-        "--proportion-empty-prompts",
-        dest="caption_dropout",
-        type=float,
-        default=d.caption_dropout,
-        help="Probability of an empty caption (for classifier-free guidance).",
-    )
-    g.add_argument(
-        "--on-bad-row",
-        default=d.on_bad_row,
-        choices=["skip", "error"],
-        help="Skip bad rows (reported and counted) or stop at the first one.",
-    )
-    _bool_flag(g, "--check-data", d.check_data, "Check every row's files and sizes before training.")
-    g.add_argument("--max-train-samples", type=int, default=None, help="Use only the first N rows (debugging).")
-    g.add_argument("--dataloader-num-workers", type=int, default=d.dataloader_num_workers)
-
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--output-dir", default=d.output_dir)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--train-batch-size", type=int, default=d.train_batch_size, help="Batch size per device.")
-    g.add_argument("--num-train-epochs", type=int, default=d.num_train_epochs)
-    g.add_argument("--max-train-steps", type=int, default=None, help="Optimisation steps (overrides epochs).")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
-    _bool_flag(g, "--gradient-checkpointing", d.gradient_checkpointing, "Trade compute for memory.")
-    g.add_argument("--learning-rate", type=float, default=d.learning_rate, help="Control module learning rate.")
-    g.add_argument("--unet-learning-rate", type=float, default=d.unet_learning_rate, help="UNet subset learning rate.")
-    _bool_flag(g, "--scale-lr", d.scale_lr, "Multiply learning rates by batch size x accumulation x processes.")
-    g.add_argument(
-        "--lr-scheduler",
-        default=d.lr_scheduler,
-        choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"],
-    )
-    g.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps)
-    g.add_argument("--lr-num-cycles", type=int, default=d.lr_num_cycles)
-    g.add_argument("--lr-power", type=float, default=d.lr_power)
-    _bool_flag(g, "--use-8bit-adam", d.use_8bit_adam, "8-bit AdamW from bitsandbytes (must be installed).")
-    g.add_argument("--adam-beta1", type=float, default=d.adam_beta1)
-    g.add_argument("--adam-beta2", type=float, default=d.adam_beta2)
-    g.add_argument("--adam-weight-decay", type=float, default=d.adam_weight_decay)
-    g.add_argument("--adam-epsilon", type=float, default=d.adam_epsilon)
-    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    g.add_argument(
-        "--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="Default: accelerate's configuration."
-    )
-    _bool_flag(g, "--allow-tf32", d.allow_tf32, "Allow TF32 matmuls on Ampere+ GPUs.")
-    _bool_flag(g, "--use-ema", d.use_ema, "Keep an EMA of the trained weights (exported instead of the raw weights).")
-    g.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    g.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is typical).")
-    g.add_argument("--noise-offset", type=float, default=d.noise_offset)
-    g.add_argument(
-        "--prediction-type",
-        default=None,
-        choices=["epsilon", "v_prediction"],
-        help="Default: the base model scheduler's.",
-    )
-    _bool_flag(g, "--cpu", d.cpu, "Train on the CPU even if a GPU is present (also chosen when none is).")
-    g.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=None,
-        help="torch CPU threads per process (default: torch's choice; 1 is best on a shared machine).",
-    )
-    g.add_argument(
-        "--text-embedding-cache",
-        type=int,
-        default=d.text_embedding_cache,
-        help="Captions whose embeddings are kept (0: encode every batch).",
-    )
-
-    g = parser.add_argument_group("checkpoints, validation, logging")
-    g.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)
-    g.add_argument("--checkpoints-total-limit", type=int, default=None)
-    g.add_argument(
-        "--resume-from-checkpoint",
-        default=None,
-        help="'latest' (in --output-dir; starts fresh if there is none) or a checkpoint folder.",
-    )
-    g.add_argument(
-        "--exit-after-steps",
-        type=int,
-        default=None,
-        help="Stop after this many steps in this invocation (checkpoint written; resume with "
-        "--resume-from-checkpoint latest), e.g. for time-limited cluster jobs.",
-    )
-    g.add_argument(
-        "--save-unet-as",
-        default=d.save_unet_as,
-        choices=["values", "deltas"],
-        help="Save the trained UNet parameters as values or as deltas from the base.",
-    )
-    g.add_argument("--validation-prompt", nargs="+", default=[])
-    g.add_argument("--validation-image", nargs="+", default=[])
-    g.add_argument("--validation-steps", type=int, default=d.validation_steps)
-    g.add_argument("--num-validation-images", type=int, default=d.num_validation_images)
-    g.add_argument("--validation-inference-steps", type=int, default=d.validation_inference_steps)
-    g.add_argument("--validation-guidance-scale", type=float, default=d.validation_guidance_scale)
-    g.add_argument("--report-to", default=d.report_to, choices=["none", "tensorboard", "wandb", "all"])
-    g.add_argument("--tracker-project-name", default=d.tracker_project_name)
-    g.add_argument("--logging-steps", type=int, default=d.logging_steps)
-    return parser
+    return add_config_arguments(parser, TrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` of parsed :func:`add_train_arguments` options."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return config_from_namespace(TrainConfig, args)
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..sources import require_dataset_source
+
 __all__ = [
     "BadRowError",
     "ColumnNames",
@@ -234,15 +236,41 @@ def open_source(
         if path.name in METADATA_FILES or path.suffix in (".jsonl", ".csv"):
             return MetadataFolder(path, columns)
         raise ValueError(f"Dataset file {path} is neither a .parquet file nor a metadata.jsonl/.csv file.")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise FileNotFoundError(f"Dataset {spec!r} does not exist.")
+    require_dataset_source(spec, "Dataset")
     import datasets
 
     try:
+        _ask_hub(spec)
         ds = datasets.load_dataset(spec, config_name, split=split, cache_dir=cache_dir)
-    except Exception as err:  # network, unknown id, ...: say what was tried
-        raise ValueError(f"Dataset {spec!r} is not a local path and could not be loaded from the hub: {err}") from err
+    except Exception as err:  # network, unknown id, ...: say what was tried, in one line
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, ConnectionError):
+            reason = "the hub cannot be reached (offline?)"
+        raise ValueError(
+            f"Dataset {spec!r} is not a local path and could not be loaded from the hub: {reason}. Give an existing "
+            "dataset folder or file, or a hub dataset id while online."
+        ) from err
     return HFDatasetSource(ds, columns, spec)
+
+
+def _ask_hub(spec: str) -> None:
+    """One request for hub dataset ``spec`` (unless offline): no network or no such dataset is a ConnectionError
+    or LookupError at once, instead of the datasets library's minute of retries with a warning each."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:  # the datasets cache answers
+        return
+    try:
+        HfApi().dataset_info(spec, timeout=10)
+    except GatedRepoError:
+        return  # it exists; datasets says what access needs
+    except RepositoryNotFoundError:
+        raise LookupError("no such hub dataset (or it is private and no token was given)") from None
+    except HfHubHTTPError:
+        return  # the hub answered with another error: let datasets try (and explain)
+    except Exception as err:  # the HTTP client's connection errors are not OSErrors
+        raise ConnectionError(str(err)) from err
 
 
 def _parquet(files: list[str], columns: ColumnNames, description: str, cache_dir, base_dir: Path) -> HFDatasetSource:

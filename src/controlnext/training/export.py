@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..sources import HUB_ID, is_local_path
 from .checkpoint import _commit, finish_safetensors, fsync_tree
 
 __all__ = [
@@ -95,12 +96,26 @@ def save_unet_subset(
     return finish_safetensors(path)
 
 
+def card_base_model(base: str) -> str:
+    """The card's ``base_model:``: the hub id of a hub base, else the folder's name (never a path of this machine)."""
+    if HUB_ID.match(base) and not is_local_path(base) and not Path(base).exists():
+        return base
+    return Path(base).expanduser().resolve().name or base
+
+
+def _count(n: float, word: str) -> str:
+    """``1 epoch``, ``2 epochs``, ``0.75 epochs``."""
+    shown = f"{n:g}" if float(n).is_integer() else f"{n:.2f}"
+    return f"{shown} {word}" if float(n) == 1 else f"{shown} {word}s"
+
+
 def write_model_card(output_dir: Path, info: dict) -> Path:
     """README.md: what was trained from what, on which data, for how long, with which command."""
-    base = info["base_model"]
+    base = card_base_model(info["base_model"])
     files = "\n".join(f"- `{f}`: {desc}" for f, desc in info["files"].items())
     settings = "\n".join(f"| {k} | {v} |" for k, v in info["settings"].items())
     bad = info.get("bad_rows", 0)
+    duration = f"{_count(info['steps'], 'optimisation step')} ({_count(info['epochs'], 'epoch')})"
     card = f"""---
 base_model: {base}
 library_name: controlnext
@@ -112,7 +127,7 @@ tags:
 
 # ControlNeXt control module ({info["variant"]}, {info["control_injection"]}) for `{base}`
 
-Trained with `controlnext train` for {info["steps"]} optimisation steps ({info["epochs"]:.2f} epochs) on
+Trained with `controlnext train` for {duration} on
 `{info["dataset"]}` ({info["rows"]} rows used, {bad} bad rows skipped). Final training loss
 (mean of the last {info["loss_window"]} steps): {info["final_loss"]:.5f}.
 

@@ -33,7 +33,14 @@ from ..families import get_family
 from ..inject import injection_channels
 from ..models.controlnext import ControlNeXtModel
 from .base import BaseModel, PromptEncoder, load_base_model
-from .checkpoint import lock_output_dir, remove_partial, resolve_resume, save_checkpoint, write_text_atomic
+from .checkpoint import (
+    check_resume_settings,
+    lock_output_dir,
+    remove_partial,
+    resolve_resume,
+    save_checkpoint,
+    write_text_atomic,
+)
 from .config import TrainConfig
 from .core import ControlledBackbone, randn, sample_generators
 from .data import ColumnNames, ControlDataset, EpochBatchSampler, bucket_sizes, collate, open_source, scan_rows
@@ -441,10 +448,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             ema.optimization_step = int(state["ema"]["optimization_step"])
         run.global_step = int(state["global_step"])
         run.losses = [tuple(x) for x in state.get("losses", [])]
-        old = state.get("resume_key", {})
-        changed = {k: (old.get(k), v) for k, v in run.resume_key.items() if old.get(k) != v}
-        if changed and main:
-            log.warning("Resuming with changed settings %s: the data order will differ from the original run.", changed)
+        check_resume_settings(in_dir, state.get("resume_key", {}), run.resume_key, cfg.allow_changed_settings, main)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

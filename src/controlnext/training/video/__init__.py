@@ -1,6 +1,6 @@
 """Training for the pose-guided video models (SVD + ControlNeXt): data layout, EDM schedule, loop, command line.
 
-Run with ``python -m controlnext.training.video --pretrained-model SVD --dataset DATA ...`` (or under
+Run with ``python -m controlnext.training.video --model SVD --dataset DATA ...`` (or under
 ``accelerate launch -m controlnext.training.video``); see docs/video.md.
 """
 

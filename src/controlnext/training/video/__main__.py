@@ -12,7 +12,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="controlnext-train-video",
         description="Train a ControlNeXt module (and the SVD UNet, as published) on video + pose clips.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     return add_video_train_arguments(parser)
 

@@ -5,65 +5,119 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...families import get_family
+from ...sources import is_local_path, require_model_source
 from ..config import MAX_RESOLUTION, check_range
+from ..options import (
+    CONDITIONING,
+    DATA,
+    MODEL,
+    OPTIMISATION,
+    add_config_arguments,
+    config_from_namespace,
+    default_mixed_precision,
+    given_as,
+    option,
+    shared,
+)
 
 __all__ = ["VideoTrainConfig", "add_video_train_arguments", "video_config_from_args"]
 
 
-
 @dataclass
 class VideoTrainConfig:
-    """Everything a video training run needs (defaults follow the published SVD-v2 training)."""
+    """Everything a video training run needs (defaults follow the published SVD-v2 training).
+
+    Each field's command-line form (``controlnext train-video --help``) is declared with it; see
+    :mod:`controlnext.training.options`. The options shared with ``controlnext train`` have its names and meanings.
+    """
 
     # model
-    pretrained_model: str = ""
-    output_dir: str = "controlnext-video"
-    unet_weights: str | None = None
-    controlnext: str | None = None
-    controlnext_variant: str = "svd-v2"
-    controlnext_config: str | None = None
-    train_unet: list[str] = field(default_factory=lambda: list(get_family("svd").trainable_patterns))
-    allow_pickle: bool = False
+    pretrained_model: str = shared("pretrained_model", "", help="Base SVD model: a folder or a hub id "
+                                   "(the img2vid-xt layout).")  # fmt: skip
+    output_dir: str = shared("output_dir", "controlnext-video")
+    unet_weights: str | None = option(
+        None,
+        help="Start from these UNet weights (e.g. the released unet.bin).",
+        default_text="the base model's UNet",
+        group=MODEL,
+    )
+    controlnext: str | None = shared("controlnext", None)
+    controlnext_variant: str = option(
+        "svd-v2", help="Layout of a new control module.", choices=("svd-v2", "svd"), group=MODEL
+    )
+    controlnext_config: str | None = shared("controlnext_config", None)
+    train_unet: list[str] = shared(
+        "train_unet",
+        default_factory=lambda: list(get_family("svd").trainable_patterns),
+        help="Regexes (re.search) of UNet parameter names to train; '.*' (as published) trains the whole UNet, "
+        "'to_out to_v' the attention projections only, 'none' only the control module.",
+    )
+    allow_pickle: bool = option(False, help="Unpickle non-tensor .bin files (trusted files only).", group=MODEL)
     # data
-    dataset: str = ""
-    width: int = 512
-    height: int = 768
-    num_frames: int = 14
-    sample_stride: int = 2
-    dataloader_num_workers: int = 0
+    dataset: str = option(
+        "", help="Folder of clip folders (video + pose, see docs/video.md).", required=True, group=DATA
+    )
+    width: int = option(512, help="Frame width in pixels (a multiple of 8).", group=DATA)
+    height: int = option(768, help="Frame height in pixels (a multiple of 8).", group=DATA)
+    num_frames: int = option(14, help="Frames per training clip.", group=DATA)
+    sample_stride: int = option(2, help="Take every N-th frame of a clip.", group=DATA)
+    dataloader_num_workers: int = shared("dataloader_num_workers", 0)
     # conditioning (SVD micro-conditioning and guidance dropout)
-    fps: int = 7
-    motion_bucket_id: int = 127
-    noise_aug_strength: float = 0.02
-    conditioning_dropout_prob: float = 0.1
-    noise_distribution: str = "cosine_interpolated"
+    fps: int = option(7, help="SVD fps micro-conditioning.", group=CONDITIONING)
+    motion_bucket_id: int = option(127, help="SVD motion bucket micro-conditioning.", group=CONDITIONING)
+    noise_aug_strength: float = option(0.02, help="Noise added to the reference image latents.", group=CONDITIONING)
+    conditioning_dropout_prob: float = option(
+        0.1,
+        help="Probability of dropping the reference image, the pose, or both (each; at most 1/3).",
+        group=CONDITIONING,
+    )
+    noise_distribution: str = option(
+        "cosine_interpolated",
+        help="Distribution of the training noise levels.",
+        choices=("cosine_interpolated", "lognormal"),
+        group=CONDITIONING,
+    )
     # optimisation
-    seed: int = 0
-    train_batch_size: int = 1
-    num_train_epochs: int = 1
-    max_train_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    learning_rate: float = 1e-5
-    control_learning_rate: float | None = None
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = None
-    mixed_precision: str = "no"
+    seed: int = shared("seed", 0)
+    train_batch_size: int = shared("train_batch_size", 1)
+    num_train_epochs: int = shared("num_train_epochs", 1)
+    max_train_steps: int | None = shared("max_train_steps", None)
+    gradient_accumulation_steps: int = shared("gradient_accumulation_steps", 1)
+    gradient_checkpointing: bool = shared("gradient_checkpointing", False)
+    learning_rate: float = shared(
+        "learning_rate",
+        1e-5,
+        deprecated=("--control-learning-rate",),
+        note="--learning-rate is the control module's rate and --unet-learning-rate the UNet's (as in "
+        "`controlnext train`); before, train-video's --learning-rate was the UNet's.",
+    )
+    unet_learning_rate: float = shared("unet_learning_rate", 1e-5)
+    lr_scheduler: str = shared("lr_scheduler", "constant")
+    lr_warmup_steps: int = shared("lr_warmup_steps", 0)
+    adam_beta1: float = shared("adam_beta1", 0.9)
+    adam_beta2: float = shared("adam_beta2", 0.999)
+    adam_weight_decay: float = shared("adam_weight_decay", 1e-2)
+    adam_epsilon: float = shared("adam_epsilon", 1e-8)
+    max_grad_norm: float = shared("max_grad_norm", 1.0)
+    mixed_precision: str = shared("mixed_precision", default_factory=default_mixed_precision)
     # checkpoints and outputs
-    checkpointing_steps: int | None = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    save_unet: str = "values"
-    probe_loss: bool = True
+    checkpointing_steps: int | None = shared("checkpointing_steps", 500)
+    checkpoints_total_limit: int | None = shared("checkpoints_total_limit", None)
+    resume_from_checkpoint: str | None = shared(
+        "resume_from_checkpoint", None, help="'latest' (in --output-dir), a checkpoint-N folder or a run folder."
+    )
+    allow_changed_settings: bool = shared("allow_changed_settings", False)
+    save_unet_as: str = shared("save_unet_as", "values", deprecated=("--save-unet",))
+    probe_loss: bool = option(
+        True,
+        help="Measure the loss of one fixed batch before and after training (a learning check).",
+        group=OPTIMISATION,
+    )
 
     def validate(self) -> None:
         if not self.pretrained_model:
@@ -84,9 +138,9 @@ class VideoTrainConfig:
             raise ValueError(f"max_train_steps must be at least 1, got {self.max_train_steps}.")
         # Non-finite or huge rates train to all-NaN weights (Adam steps are about lr in size).
         check_range("learning_rate", self.learning_rate, 0, 1)
-        check_range("control_learning_rate", self.control_learning_rate, 0, 1)
-        if not self.learning_rate and not self.control_learning_rate:
-            raise ValueError("learning_rate (or control_learning_rate) must be > 0.")
+        check_range("unet_learning_rate", self.unet_learning_rate, 0, 1)
+        if not self.learning_rate:
+            raise ValueError("learning_rate (the control module's) must be > 0.")
         check_range("adam_beta1", self.adam_beta1, 0, 1, high_open=True)
         check_range("adam_beta2", self.adam_beta2, 0, 1, high_open=True)
         check_range("adam_weight_decay", self.adam_weight_decay, 0, 1)
@@ -99,8 +153,8 @@ class VideoTrainConfig:
             raise ValueError("conditioning_dropout_prob must lie in [0, 1/3] (three disjoint drop events).")
         if self.noise_distribution not in ("cosine_interpolated", "lognormal"):
             raise ValueError("noise_distribution must be 'cosine_interpolated' or 'lognormal'.")
-        if self.save_unet not in ("values", "deltas"):
-            raise ValueError("save_unet must be 'values' or 'deltas'.")
+        if self.save_unet_as not in ("values", "deltas"):
+            raise ValueError("save_unet_as must be 'values' or 'deltas'.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError("mixed_precision must be 'no', 'fp16' or 'bf16'.")
         if self.controlnext_variant not in ("svd-v2", "svd"):
@@ -139,53 +193,23 @@ class VideoTrainConfig:
 
 def add_video_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every video training option to ``parser``."""
-    d = VideoTrainConfig()
-    g = parser.add_argument_group("models")
-    g.add_argument("--pretrained-model", required=True, help="base SVD folder or hub id (img2vid-xt layout)")
-    g.add_argument("--output-dir", default=d.output_dir)
-    g.add_argument("--unet-weights", default=None, help="start from these UNet weights (e.g. the released unet.bin)")
-    g.add_argument("--controlnext", default=None, help="start from this control module (file or folder)")
-    g.add_argument("--controlnext-variant", default=d.controlnext_variant, choices=["svd-v2", "svd"])
-    g.add_argument("--controlnext-config", default=None, help="new module's config overrides: 'tiny' or JSON")
-    g.add_argument("--train-unet", nargs="+", default=d.train_unet, metavar="PATTERN",
-                   help="regexes of UNet parameters to train; '.*' (default, as published) trains the whole UNet, "
-                        "'to_out to_v' the attention projections only, 'none' only the control module")  # fmt: skip
-    g.add_argument("--allow-pickle", action="store_true", help="unpickle non-tensor .bin files (trusted only)")
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help="folder of clip folders (video + pose, see docs/video.md)")
-    g.add_argument("--width", type=int, default=d.width)
-    g.add_argument("--height", type=int, default=d.height)
-    g.add_argument("--num-frames", type=int, default=d.num_frames)
-    g.add_argument("--sample-stride", type=int, default=d.sample_stride)
-    g.add_argument("--dataloader-num-workers", type=int, default=d.dataloader_num_workers)
-    g = parser.add_argument_group("conditioning")
-    g.add_argument("--fps", type=int, default=d.fps)
-    g.add_argument("--motion-bucket-id", type=int, default=d.motion_bucket_id)
-    g.add_argument("--noise-aug-strength", type=float, default=d.noise_aug_strength)
-    g.add_argument("--conditioning-dropout-prob", type=float, default=d.conditioning_dropout_prob)
-    g.add_argument("--noise-distribution", default=d.noise_distribution, choices=["cosine_interpolated", "lognormal"])
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
-    g.add_argument("--num-train-epochs", type=int, default=d.num_train_epochs)
-    g.add_argument("--max-train-steps", type=int, default=None)
-    g.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    g.add_argument("--control-learning-rate", type=float, default=None, help="default: --learning-rate")
-    g.add_argument("--lr-scheduler", default=d.lr_scheduler)
-    g.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps)
-    g.add_argument("--adam-weight-decay", type=float, default=d.adam_weight_decay)
-    g.add_argument("--max-grad-norm", type=float, default=None)
-    g.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"])
-    g = parser.add_argument_group("checkpoints")
-    g.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)
-    g.add_argument("--checkpoints-total-limit", type=int, default=None)
-    g.add_argument("--resume-from-checkpoint", default=None, help="'latest', a checkpoint-N folder or a run folder")
-    g.add_argument("--save-unet", default=d.save_unet, choices=["values", "deltas"])
-    return parser
+    return add_config_arguments(parser, VideoTrainConfig)
 
 
 def video_config_from_args(args: argparse.Namespace) -> VideoTrainConfig:
-    names = {f.name for f in dataclasses.fields(VideoTrainConfig)}
-    return VideoTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    """The :class:`VideoTrainConfig` of parsed :func:`add_video_train_arguments` options."""
+    cfg = config_from_namespace(VideoTrainConfig, args)
+    if is_local_path(cfg.pretrained_model):  # a mistyped path is named here, not sent to the hub
+        require_model_source(cfg.pretrained_model, "--model")
+    # train-video's --learning-rate used to be the UNet's rate: say so when it now leaves the UNet at another rate
+    # (vars(args) holds only the options that were given; see add_config_arguments).
+    new_spelling = "--learning-rate" in given_as(args, "learning_rate")
+    if new_spelling and "unet_learning_rate" not in vars(args) and cfg.train_unet != ["none"]:
+        if cfg.learning_rate != cfg.unet_learning_rate:
+            print(
+                f"note: --learning-rate {cfg.learning_rate:g} is the control module's rate; the UNet trains at "
+                f"--unet-learning-rate {cfg.unet_learning_rate:g} (before, train-video's --learning-rate was the "
+                "UNet's): pass --unet-learning-rate to set it.",
+                file=sys.stderr,
+            )
+    return cfg

@@ -32,6 +32,7 @@ from ...inject import injection_channels
 from ...models.controlnext import ControlNeXtModel
 from ..checkpoint import (
     MANIFEST,
+    check_resume_settings,
     lock_output_dir,
     remove_partial,
     resolve_resume,
@@ -208,8 +209,7 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
     dataset = VideoPoseDataset(cfg.dataset, cfg.width, cfg.height, cfg.num_frames, cfg.sample_stride)
     per_step = cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(len(dataset) / per_step)
-    control_lr = cfg.control_learning_rate or cfg.learning_rate
-    groups = parameter_groups(unet, controlnext, unet_names, control_lr, cfg.learning_rate)
+    groups = parameter_groups(unet, controlnext, unet_names, cfg.learning_rate, cfg.unet_learning_rate)
     optimizer = torch.optim.AdamW(
         groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
     )
@@ -229,12 +229,7 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
     resume = _on_main(accelerator, lambda: resolve_resume(cfg.resume_from_checkpoint, out_dir / "checkpoints"))
     if resume is not None:
         manifest = json.loads((resume / MANIFEST).read_text())
-        key = manifest.get("resume_key", {})
-        if key and key != cfg.resume_key(procs):
-            raise ValueError(
-                f"Checkpoint {resume} was written with different data settings ({key}); resume with the same "
-                "seed, batch size, accumulation, frame sampling and number of processes."
-            )
+        check_resume_settings(resume, manifest.get("resume_key", {}), cfg.resume_key(procs), cfg.allow_changed_settings)
         accelerator.load_state(str(resume))
         global_step, losses = int(manifest["step"]), list(manifest.get("losses", []))
         if main:
@@ -307,7 +302,7 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
             save_controlnext_file(controlnext_out, staging / CONTROLNEXT_FILE)
             files["controlnext"] = str(out_dir / CONTROLNEXT_FILE)
             if unet_names:
-                base_sd = base_values if cfg.save_unet == "deltas" else None
+                base_sd = base_values if cfg.save_unet_as == "deltas" else None
                 save_unet_weights(unet, staging / UNET_FILE, unet_names, base_sd)
                 files["unet"] = str(out_dir / UNET_FILE)
         write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
