@@ -47,5 +47,6 @@ def require_dataset_source(spec: str, label: str) -> None:
     """Raise FileNotFoundError when ``spec`` is a local path that does not exist (a hub dataset id passes)."""
     if is_local_path(spec) and not Path(spec).expanduser().exists():
         raise FileNotFoundError(
-            f"{label} {spec}: no such file or folder; give an existing dataset folder or file, or a hub dataset id."
+            f"{label} {spec} does not exist (no such file or folder); give an existing dataset folder or file, or a "
+            "hub dataset id."
         )
