@@ -196,7 +196,7 @@ def test_a_missing_dataset_path_is_never_sent_to_the_hub(sd15, tmp_path, monkeyp
     for spec in ("data/nonexist", "./nonexist", str(tmp_path / "nonexist")):
         assert cli_main(["train", "--model", str(sd15), "--dataset", spec]) == 2
         line = _one_error_line(capsys.readouterr().err, "train")
-        assert f"--dataset {spec} does not exist (no such file or folder); give an existing dataset folder or file" in line
+        assert f"--dataset {spec} does not exist (no such file or folder); give an existing dataset" in line
 
 
 # ------------------------------------------------------------------------------------------------ model card
