@@ -2,7 +2,7 @@
 
     python scripts/measure_video_memory.py --size 256 --frames 14 28 56 --frames-per-batch 14 --overlap 4
 
-On CPU the peak is measured with controlnext.pipelines.svd.TensorMemoryTracker (bytes of live tensors created
+On CPU the peak is measured with controlnext.bench.TensorMemoryTracker (bytes of live tensors created
 during the call); on CUDA with torch.cuda.max_memory_allocated (minus what was allocated before the call).
 The "one window" column runs the same length as a single window, for comparison.
 """
@@ -15,7 +15,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from controlnext.pipelines.svd import StableVideoDiffusionControlNeXtPipeline, TensorMemoryTracker
+from controlnext.bench import TensorMemoryTracker
+from controlnext.pipelines.svd import StableVideoDiffusionControlNeXtPipeline
 from controlnext.testing import tiny_svd_components
 from controlnext.testing.models import tiny_controlnext
 

@@ -11,11 +11,11 @@ import torch
 from diffusers import StableVideoDiffusionPipeline
 
 from controlnext import attach
+from controlnext.bench import TensorMemoryTracker
 from controlnext.conditioning import load_condition
 from controlnext.loading import save_controlnext_file
 from controlnext.pipelines.svd import (
     StableVideoDiffusionControlNeXtPipeline,
-    TensorMemoryTracker,
     window_starts,
     window_weights,
 )

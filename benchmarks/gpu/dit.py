@@ -1,6 +1,6 @@
 """Part 4 (hook): the DiT presets (SD3, FLUX). Not measured yet: the project has no DiT presets so far.
 
-To add them once ``controlnext.bench_presets`` has DiT presets: list their names in ``DIT_PRESETS`` (e.g.
+To add them once ``controlnext.bench.presets`` has DiT presets: list their names in ``DIT_PRESETS`` (e.g.
 ``("sd3-1024", "flux-1024")``) and return :func:`inference.eager_items`-style items for them from :func:`items`; the
 kit then runs this part in a worker with its own budget (``BUDGETS["dit"]`` in kit.py) like the other parts.
 """
@@ -21,7 +21,7 @@ def records() -> list[dict[str, Any]]:
             part="dit",
             item="sd3 / flux presets",
             status=NOT_YET,
-            error="no DiT presets in controlnext.bench_presets yet; add them to DIT_PRESETS (benchmarks/gpu/dit.py)",
+            error="no DiT presets in controlnext.bench.presets yet; add them to DIT_PRESETS (benchmarks/gpu/dit.py)",
         )
     ]
 

@@ -129,7 +129,7 @@ class _Meter:
             self.torch.cuda.synchronize()
             self.torch.cuda.reset_peak_memory_stats()
         else:
-            from controlnext.pipelines.svd import TensorMemoryTracker
+            from controlnext.bench import TensorMemoryTracker
 
             self.tracker = TensorMemoryTracker().__enter__()
         return self

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..bench_presets import PRESETS, ROW_NAMES
+    from ..bench.presets import PRESETS, ROW_NAMES
 
     presets = ", ".join(f"{n} ({p.description}, {p.resolution} px)" for n, p in PRESETS.items())
     p = sub.add_parser(

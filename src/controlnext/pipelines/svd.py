@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,8 +39,6 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
     retrieve_timesteps,
 )
 from diffusers.utils.torch_utils import randn_tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ..conditioning import load_condition
 from ..inject import attached
@@ -51,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "StableVideoDiffusionControlNeXtPipeline",
-    "TensorMemoryTracker",
     "window_starts",
     "window_weights",
 ]
@@ -101,50 +97,6 @@ def window_weights(num_frames: int, frames_per_batch: int, overlap: int) -> tupl
 
 
 # ---------------------------------------------------------------------- memory measurement
-class TensorMemoryTracker(TorchDispatchMode):
-    """Peak bytes of live tensor storages created while active (any device), for memory measurements.
-
-    Every tensor an operator returns is recorded by its storage; a storage counts until the last tracked tensor
-    that uses it is freed. Tensors created before the tracker (model weights, inputs) are not counted. Use::
-
-        with TensorMemoryTracker() as mem:
-            pipe(...)
-        print(mem.peak_bytes)
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current_bytes = 0
-        self.peak_bytes = 0
-        self._live: dict[tuple, list[int]] = {}  # storage key -> [bytes, tracked tensors using it]
-
-    def _release(self, key: tuple) -> None:
-        entry = self._live.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current_bytes -= entry[0]
-            del self._live[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            storage = t.untyped_storage()
-            key = (storage.data_ptr(), t.device.type, t.device.index)
-            entry = self._live.get(key)
-            if entry is None:
-                entry = self._live[key] = [storage.nbytes(), 0]
-                self.current_bytes += entry[0]
-                self.peak_bytes = max(self.peak_bytes, self.current_bytes)
-            entry[1] += 1
-            weakref.finalize(t, self._release, key)
-        return out
-
-
-# ---------------------------------------------------------------------- inputs
 def _frame_size(frame: Any) -> tuple[int, int]:
     """(height, width) of one control frame (PIL image, (H, W[, C]) array, or (C, H, W) tensor)."""
     if isinstance(frame, PIL.Image.Image):
