@@ -219,10 +219,11 @@ def run(args: argparse.Namespace) -> int:
     payload: dict = {"condition": kind, "n": len(prompts), "base": base, "module": pairs[0][1]}
     if shapes_metric in first.with_control:
         fw, fo = first.with_control[shapes_metric], first.without_control[shapes_metric]
-        print(
-            f"control fidelity ({metric_title}) over {len(prompts)} cases: "
-            f"without control {fo:.3f}, with control (scale {args.scale:g}) {fw:.3f}"
-        )
+        if len(results) == 1:  # with several methods the table says it all
+            print(
+                f"control fidelity ({metric_title}) over {len(prompts)} cases: "
+                f"without control {fo:.3f}, with control (scale {args.scale:g}) {fw:.3f}"
+            )
         payload = {"fidelity": {"with_control": round(fw, 4), "without_control": round(fo, 4)}, "metric": metric_title}
         payload.update(condition=kind, n=len(prompts), base=base, module=pairs[0][1])
     payload.update(

@@ -1,0 +1,138 @@
+"""`controlnext eval` on the protocol: three control methods in one table, MultiGen-20M-style splits, skipping."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from controlnext.cli import main
+from controlnext.evaluation import metrics as M
+from controlnext.evaluation.data import read_split
+from controlnext.shapes import render_sample
+
+
+@pytest.fixture(scope="module")
+def three_methods(tiny_sd15_dir, tmp_path_factory):
+    """A tiny ControlNeXt module, ControlNet and T2I-Adapter, all on the tiny SD1.5 base of ``tiny_sd15_dir``."""
+    from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
+
+    from controlnext.loading import save_controlnext_file
+    from controlnext.testing import tiny_controlnext
+
+    root = tmp_path_factory.mktemp("methods")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15_dir / "unet")
+    cnext = save_controlnext_file(tiny_controlnext("sd15-training"), root / "controlnext.safetensors")
+    controlnet = ControlNetModel.from_unet(unet)
+    torch.manual_seed(0)
+    for zero_conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        torch.nn.init.normal_(zero_conv.weight, std=0.5)  # untrained zero convolutions would add nothing
+    controlnet.save_pretrained(root / "controlnet")
+    # One adapter feature map per UNet down block: 32 channels at the latent's 8x8, then 64 at 4x4.
+    T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=8).save_pretrained(root / "t2i")
+    return {"controlnext": cnext, "controlnet": root / "controlnet", "t2i-adapter": root / "t2i"}
+
+
+def test_eval_three_methods_one_table(tiny_sd15_dir, three_methods, tmp_path, capsys):
+    args = ["eval", "--base", str(tiny_sd15_dir), "--n", "2", "--steps", "2", "--protocol", "controlnet++"]
+    for method, module in three_methods.items():
+        args += ["--method", method, "--module", str(module)]
+    assert main([*args, "--output", str(tmp_path), "--json"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    # --protocol sets what is not given: guidance 7.5 and 4 images per condition; --steps 2 wins over its 20.
+    assert (res["steps"], res["guidance"], res["images_per_condition"]) == (2, 7.5, 4)
+    assert [m["method"] for m in res["methods"]] == ["controlnext", "controlnet", "t2i-adapter"]
+    for m in res["methods"]:
+        for scores in (m["with_control"], m["without_control"]):
+            assert set(scores) == {"edge-f1", "canny-f1"}
+            assert 0 <= scores["edge-f1"] <= 1 and 0 <= scores["canny-f1"] <= 100
+    # Without control every method is the same base model with the same seeds: the same scores; with control
+    # each method changes the images (its condition input is wired in).
+    without = [m["without_control"] for m in res["methods"]]
+    assert without[0] == pytest.approx(without[1]) and without[0] == pytest.approx(without[2])
+    assert all(m["with_control"] != m["without_control"] for m in res["methods"])
+    assert res["skipped"] == {
+        "clip-score": "no clip model given (--clip-model)",
+        "fid": "no inception model given (--inception)",
+    }
+    table = (tmp_path / "eval_edges.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 6  # header, then with / without for each method
+    assert "edge F1" in rows[0] and "Canny F1" in rows[0] and "CLIP" not in rows[0]
+    assert "skipped fid" in table and table in out
+    saved = json.loads((tmp_path / "eval_edges.json").read_text())
+    assert len(saved["cases"]) == 2 and saved["methods"] == res["methods"]
+    assert (tmp_path / "eval_edges.png").is_file()
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_read_parquet_split_and_derived_canny(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    samples = [render_sample(3, i) for i in range(3)]
+    table = pa.table(
+        {
+            "image": [{"bytes": _png(s.image), "path": None} for s in samples],
+            "text": [s.caption for s in samples],
+            "seg_map": [{"bytes": _png(s.mask), "path": None} for s in samples],
+        }
+    )
+    (tmp_path / "data").mkdir()
+    pq.write_table(table, tmp_path / "data" / "validation-00000.parquet")
+    split = read_split(tmp_path, n=2, condition_column="image")
+    assert split.prompts == [s.caption for s in samples[:2]]
+    assert np.array_equal(split.images[1], samples[1].image) and np.array_equal(split.labels[0], samples[0].mask)
+    with pytest.raises(ValueError, match="no column 'control_depth'"):
+        read_split(tmp_path, condition_column="control_depth")
+    with pytest.raises(ValueError, match="metadata.jsonl"):
+        read_split(tmp_path / "data" / "missing")
+    # The condition derived from the ground-truth image is its Canny map, so ground truth scores F1 = 1.
+    from controlnext.evaluation import EvalModels
+    from controlnext.evaluation.protocol import derive_condition
+
+    cond = derive_condition("canny", split.images[0], EvalModels())
+    assert M.canny_f1([split.images[0]], cond) == 1.0
+
+
+def test_eval_on_a_canny_parquet_split(tiny_sd15_dir, three_methods, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    samples = [render_sample(4, i) for i in range(2)]
+    pq.write_table(
+        pa.table({"image": [{"bytes": _png(s.image)} for s in samples], "text": [s.caption for s in samples]}),
+        tmp_path / "split.parquet",
+    )
+    args = ["eval", "--base", str(tiny_sd15_dir), "--module", str(three_methods["controlnet"]), "--method"]
+    args += ["controlnet", "--data", str(tmp_path / "split.parquet"), "--condition", "canny", "--steps", "1"]
+    args += ["--condition-column", "image", "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["condition"] == "canny" and "fidelity" not in res
+    assert set(res["methods"][0]["with_control"]) == {"canny-f1"}
+    assert set(res["skipped"]) == {"clip-score", "fid"}
+
+
+def test_eval_protocol_errors(tiny_sd15_dir, three_methods, tmp_path, capsys):
+    base = ["eval", "--base", str(tiny_sd15_dir)]
+    assert main([*base, "--method", "controlnet", "--method", "t2i-adapter", "--module", "x"]) == 2
+    assert "one method per module" in capsys.readouterr().err
+    assert main([*base, "--module", str(three_methods["controlnext"]), "--metrics", "depth-rmse", "--n", "1"]) == 2
+    assert "does not apply to a 'edges' condition" in capsys.readouterr().err
+    assert main([*base, "--module", str(three_methods["controlnext"]), "--metrics", "psnr"]) == 2
+    assert "unknown metric" in capsys.readouterr().err
+    assert main([*base, "--method", "controlnet", "--module", str(tmp_path), "--n", "1", "--steps", "1"]) == 2
+    assert "ControlNetModel folder" in capsys.readouterr().err
+    assert main(["eval", "--condition", "depth"]) == 2
+    assert "needs --data" in capsys.readouterr().err
