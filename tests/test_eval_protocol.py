@@ -136,3 +136,101 @@ def test_eval_protocol_errors(tiny_sd15_dir, three_methods, tmp_path, capsys):
     assert "ControlNetModel folder" in capsys.readouterr().err
     assert main(["eval", "--condition", "depth"]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def annotators(tmp_path_factory):
+    """Tiny random local annotator models: HED state dict, DPT depth, SegFormer (150 ADE20K classes), CLIP,
+    TorchScript Inception-like extractor."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        DPTConfig,
+        DPTForDepthEstimation,
+        DPTImageProcessor,
+        SegformerConfig,
+        SegformerForSemanticSegmentation,
+        SegformerImageProcessor,
+    )
+
+    from controlnext.evaluation.models import HEDNetwork
+    from controlnext.testing import write_tiny_clip_tokenizer
+
+    root = tmp_path_factory.mktemp("annotators")
+    torch.manual_seed(0)
+    torch.save(HEDNetwork().state_dict(), root / "ControlNetHED.pth")
+    dpt = DPTConfig(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32,
+        patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8,
+        reassemble_factors=[4, 2, 1, 0.5],
+    )  # fmt: skip
+    DPTForDepthEstimation(dpt).save_pretrained(root / "depth")
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False, do_pad=False).save_pretrained(
+        root / "depth"
+    )
+    seg = SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
+        strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=150,
+    )  # fmt: skip
+    SegformerForSemanticSegmentation(seg).save_pretrained(root / "seg")
+    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(root / "seg")
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_clip_tokenizer(root / "clip")))
+    clip = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(clip).save_pretrained(root / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size=32, crop_size=32), tokenizer=tokenizer).save_pretrained(
+        root / "clip"
+    )
+    from test_protocol_metrics import _TinyInception
+
+    torch.jit.script(_TinyInception()).save(str(root / "inception.pt"))
+    return root
+
+
+def test_eval_every_protocol_metric_with_local_models(tiny_sd15_dir, three_methods, annotators, tmp_path, capsys):
+    """Depth, segmentation and HED splits at 192 px (MS-SSIM needs >= 161 px), with every annotator given: each
+    metric runs (none skipped), and the generated-vs-condition numbers lie in their ranges."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from controlnext.evaluation.models import DepthEstimator
+
+    size = 192
+    samples = [render_sample(6, i, size=size) for i in range(2)]
+    depth = DepthEstimator(annotators / "depth")
+    columns = {
+        "image": [{"bytes": _png(s.image)} for s in samples],
+        "text": [s.caption for s in samples],
+        "control_depth": [{"bytes": _png(depth(s.image))} for s in samples],
+        # A seg condition is a colour map with its class-id map beside it (ADE20K ids: 1 background, 6 shape).
+        "control_seg": [{"bytes": _png(s.image)} for s in samples],
+        "seg_map": [{"bytes": _png((s.mask > 0).astype(np.uint8) * 5 + 1)} for s in samples],
+    }
+    pq.write_table(pa.table(columns), tmp_path / "split.parquet")
+    common = ["eval", "--base", str(tiny_sd15_dir), "--module", str(three_methods["controlnext"]), "--steps", "1"]
+    common += ["--data", str(tmp_path / "split.parquet"), "--clip-model", str(annotators / "clip")]
+    common += ["--inception", str(annotators / "inception.pt"), "--json"]
+    runs = {
+        "depth": ["--depth-model", str(annotators / "depth"), "--condition-column", "control_depth"],
+        "seg": ["--seg-model", str(annotators / "seg")],
+        "hed": ["--hed-model", str(annotators / "ControlNetHED.pth"), "--condition-column", "image"],
+    }
+    expected = {"depth": "depth-rmse", "seg": "seg-miou", "hed": "hed-ms-ssim"}
+    for kind, extra in runs.items():
+        assert main([*common, "--condition", kind, *extra]) == 0, kind
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["skipped"] == {}, (kind, res["skipped"])
+        for scores in (res["methods"][0]["with_control"], res["methods"][0]["without_control"]):
+            assert set(scores) == {expected[kind], "clip-score", "fid"}, kind
+            assert 0 <= scores["clip-score"] <= 100 and scores["fid"] >= 0
+        value = res["methods"][0]["with_control"][expected[kind]]
+        assert {"depth": 0 <= value <= 255, "seg": 0 <= value <= 100, "hed": -1 <= value <= 1}[kind], value

@@ -15,6 +15,7 @@ Each compares a map extracted from a generated image with the condition it was g
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import cv2
@@ -193,7 +194,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         raise ValueError("FID needs at least 2 images in each set.")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s_a @ s_b)
+    with warnings.catch_warnings():  # a singular product (few images) is handled just below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s_a @ s_b)
     if not np.isfinite(covmean).all():  # singular product: regularise as the reference implementation does
         eps = np.eye(len(s_a)) * 1e-6
         covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
