@@ -114,14 +114,21 @@ def test_eval_on_a_canny_parquet_split(tiny_sd15_dir, three_methods, tmp_path, c
         pa.table({"image": [{"bytes": _png(s.image)} for s in samples], "text": [s.caption for s in samples]}),
         tmp_path / "split.parquet",
     )
+    from diffusers import T2IAdapter
+
+    # A grey-input adapter, as the published Canny adapters are: it gets one-channel conditions.
+    T2IAdapter(in_channels=1, channels=[32, 64], num_res_blocks=1, downscale_factor=8).save_pretrained(tmp_path / "g")
     args = ["eval", "--base", str(tiny_sd15_dir), "--module", str(three_methods["controlnet"]), "--method"]
-    args += ["controlnet", "--data", str(tmp_path / "split.parquet"), "--condition", "canny", "--steps", "1"]
-    args += ["--condition-column", "image", "--json"]
-    assert main(args) == 0
+    args += ["controlnet", "--method", "t2i-adapter", "--module", str(tmp_path / "g")]
+    args += ["--data", str(tmp_path / "split.parquet"), "--condition", "canny", "--steps", "1"]
+    assert main([*args, "--condition-column", "image", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["condition"] == "canny" and "fidelity" not in res
-    assert set(res["methods"][0]["with_control"]) == {"canny-f1"}
+    assert [set(m["with_control"]) for m in res["methods"]] == [{"canny-f1"}] * 2
     assert set(res["skipped"]) == {"clip-score", "fid"}
+    # HED and depth conditions derived from the images need their model.
+    assert main([*args[:-4], "--condition", "hed", "--condition-column", "image"]) == 2
+    assert "needs --hed-model" in capsys.readouterr().err
 
 
 def test_eval_protocol_errors(tiny_sd15_dir, three_methods, tmp_path, capsys):

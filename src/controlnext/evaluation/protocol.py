@@ -105,6 +105,9 @@ class EvalModels:
 def derive_condition(condition: str, image: np.ndarray, models: EvalModels) -> np.ndarray:
     """The ``condition``-type map of a ground-truth image ((H, W, 3) uint8), as the protocol derives Canny and HED
     conditions of MultiGen-20M from its images."""
+    need = {"hed": ("hed", "--hed-model"), "depth": ("depth", "--depth-model")}.get(condition)
+    if need and getattr(models, need[0]) is None:
+        raise ValueError(f"Deriving {condition} conditions from the split's images needs {need[1]}.")
     if condition == "canny":
         grey = M.canny_map(image).astype(np.uint8) * 255
     elif condition == "hed":
@@ -145,13 +148,15 @@ def load_method(method: str, base: str, module: str, unet_weights: str | None = 
     )
 
 
-def _call_kwargs(method: str, conditions: Sequence[np.ndarray], scale: float) -> dict:
+def _call_kwargs(method: str, pipe, conditions: Sequence[np.ndarray], scale: float) -> dict:
     from PIL import Image
 
     if method == "controlnext":  # the same input as shapes.metrics.evaluate_pipeline gives it
         conds = [torch.from_numpy(c.astype(np.float32) / 255.0).permute(2, 0, 1) for c in conditions]
         return {"control_image": conds, "controlnext_conditioning_scale": scale}
     images = [Image.fromarray(c) for c in conditions]
+    if method == "t2i-adapter" and pipe.adapter.config.in_channels == 1:  # e.g. the Canny adapters take grey
+        images = [im.convert("L") for im in images]
     key = "controlnet_conditioning_scale" if method == "controlnet" else "adapter_conditioning_scale"
     return {"image": images, key: scale}
 
@@ -182,7 +187,7 @@ def generate(
             sl = slice(i, i + batch_size)
             res = pipe(
                 prompt=list(prompts[sl]),
-                **_call_kwargs(method, conditions[sl], scale),
+                **_call_kwargs(method, pipe, conditions[sl], scale),
                 height=h,
                 width=w,
                 num_inference_steps=steps,
