@@ -241,3 +241,29 @@ def test_eval_every_protocol_metric_with_local_models(tiny_sd15_dir, three_metho
             assert 0 <= scores["clip-score"] <= 100 and scores["fid"] >= 0
         value = res["methods"][0]["with_control"][expected[kind]]
         assert {"depth": 0 <= value <= 255, "seg": 0 <= value <= 100, "hed": -1 <= value <= 1}[kind], value
+
+
+def test_split_resolution_and_size_batches(tmp_path):
+    from controlnext.evaluation.protocol import _batches, generate
+
+    image = np.zeros((60, 100, 3), np.uint8)
+    image[:, 50:] = 255  # right half white
+    label = np.zeros((60, 100), np.uint8)
+    label[:, 50:] = 7
+    (tmp_path / "img").mkdir()
+    Image.fromarray(image).save(tmp_path / "img" / "a.png")
+    Image.fromarray(label).save(tmp_path / "img" / "l.png")
+    row = {"file_name": "img/a.png", "conditioning_image_file_name": "img/a.png", "text": "t", "label": "img/l.png"}
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    split = read_split(tmp_path, resolution=32)
+    # Shorter side 60 -> 32 (the long side 100 -> 53), then the centre 32 x 32: the white edge sits in the middle.
+    assert split.images[0].shape == (32, 32, 3) and split.conditions[0].shape == (32, 32, 3)
+    assert split.labels[0].shape == (32, 32) and set(np.unique(split.labels[0])) == {0, 7}  # ids kept (nearest)
+    assert split.labels[0][0, 0] == 0 and split.labels[0][0, -1] == 7
+    with pytest.raises(ValueError, match="multiple of 8"):
+        read_split(tmp_path, resolution=30)
+    # One pipeline call per run of equal sizes, at most batch_size long.
+    sizes = [(64, 64)] * 3 + [(32, 64)] * 2 + [(64, 64)]
+    assert _batches(sizes, 2) == [[0, 1], [2], [3, 4], [5]]
+    with pytest.raises(ValueError, match="multiples of 8"):
+        generate("controlnet", None, ["t"], [image], [0], 1, 1.0, 1.0)

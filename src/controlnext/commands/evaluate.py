@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "from the image (Canny 100/200, HED, depth), as the protocol does for MultiGen-20M Canny and HED",
     )
     p.add_argument("--label-column", default=None, help="segmentation label column for mIoU (default: seg_map/label)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="bring the split to RES x RES (shorter side resized, centre crop; default: as stored)",
+    )
     p.add_argument("--n", type=int, default=32, help="number of cases (default 32)")
     add_sampling_options(p)
     p.set_defaults(steps=None, guidance=None)  # resolved in run(): the protocol's, else the shapes defaults
@@ -163,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     models = EvalModels(args.hed_model, args.depth_model, args.seg_model, args.clip_model, args.inception)
     references = labels = None
     if args.data is not None:
-        split = read_split(args.data, args.n, args.condition_column, args.label_column)
+        split = read_split(args.data, args.n, args.condition_column, args.label_column, args.resolution)
         kind = args.condition or split.kind or "edges"
         prompts, conds, seeds = split.prompts, split.conditions, list(range(len(split.prompts)))
         references, labels = split.images, split.labels
@@ -171,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
             conds = [derive_condition(kind, im, models) for im in conds]
     else:
         kind = args.condition or "edges"
+        if args.resolution is not None:
+            raise UserError("--resolution applies to a --data split; the shapes world is 64 px")
         if kind not in ("edges", "mask"):
             raise UserError(f"the shapes world has edges and mask conditions; --condition {kind} needs --data")
         prompts, conds, seeds = demo_cases(args.n, kind)
@@ -245,9 +253,11 @@ def run(args: argparse.Namespace) -> int:
         scores = list(zip(per_case["without"], per_case["with"])) if per_case else None
         title = metric_title if shapes_metric else (METRICS[grid_metric].title if grid_metric else "")
         shown = slice(None, None, per)  # the first image of each condition
-        grid = save_grid(
-            args.output / f"eval_{kind}.png", conds, without[shown], with_[shown], scores=scores, metric=title
-        )
+        grid = None
+        if len({np.asarray(c).shape for c in conds}) == 1:  # a grid needs one cell size
+            grid = save_grid(
+                args.output / f"eval_{kind}.png", conds, without[shown], with_[shown], scores=scores, metric=title
+            )
         cases = [
             {"prompt": p, **{f"{m}_{s}": round(v[s][i], 4) for m, v in first.per_condition.items() for s in v}}
             for i, p in enumerate(prompts)
@@ -257,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
                 case.update(with_control=w, without_control=wo)
         (args.output / f"eval_{kind}.md").write_text(table)
         (args.output / f"eval_{kind}.json").write_text(json.dumps(dict(payload, cases=cases), indent=2) + "\n")
-        print(f"grid: {grid}\ntable: {args.output / f'eval_{kind}.md'}")
+        print(f"grid: {grid or 'none (the conditions differ in size)'}\ntable: {args.output / f'eval_{kind}.md'}")
     payload["seconds"] = round(time.perf_counter() - t0, 2)
     if args.json:
         print(json.dumps(payload))

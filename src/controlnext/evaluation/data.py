@@ -91,18 +91,36 @@ def _parquet_rows(path: Path) -> tuple[list[dict], Path]:
     return rows, (path.parent if path.is_file() else path)
 
 
+def _square(img: Image.Image, size: int, resample: int) -> Image.Image:
+    """Shorter side to ``size``, then the centre ``size`` x ``size`` crop."""
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def read_split(
     path: str | Path,
     n: int | None = None,
     condition_column: str | None = None,
     label_column: str | None = None,
+    resolution: int | None = None,
 ) -> EvalSplit:
     """Read up to ``n`` rows of an evaluation split (imagefolder with metadata.jsonl, or parquet).
 
     ``condition_column`` may name the image column itself: the condition is then derived from the image by the
     condition type's detector (the protocol does this for Canny and HED on MultiGen-20M); :attr:`EvalSplit.conditions`
-    then holds the images, and the caller derives.
+    then holds the images, and the caller derives. ``resolution`` brings every image, condition and label to
+    ``resolution`` x ``resolution`` (shorter side resized, centre crop; bicubic for images, nearest for conditions
+    and labels, so edge maps stay binary and class ids stay ids).
     """
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}.")
+
+    def fit(img: Image.Image, resample: int) -> Image.Image:
+        return img if resolution is None else _square(img, resolution, resample)
+
     path = Path(path)
     imagefolder = (path / "metadata.jsonl").is_file()
     if path.suffix == ".parquet" or (path.is_dir() and not imagefolder and any(path.rglob("*.parquet"))):
@@ -136,11 +154,13 @@ def read_split(
         if row.get(caption_col) is None or row.get(cond_col) is None:
             raise ValueError(f"{at}: needs '{cond_col}' and '{caption_col}'.")
         prompts.append(str(row[caption_col]))
-        conds.append(_rgb(_open(row[cond_col], root, at)))
+        # A condition that is the image itself (to derive from) is resized like the image.
+        cond_resample = Image.BICUBIC if cond_col == image_col else Image.NEAREST
+        conds.append(_rgb(fit(_open(row[cond_col], root, at), cond_resample)))
         if image_col is not None and row.get(image_col) is not None:
-            images.append(_rgb(_open(row[image_col], root, at)))
+            images.append(_rgb(fit(_open(row[image_col], root, at), Image.BICUBIC)))
         if label_col is not None and row.get(label_col) is not None:
-            labels.append(_label(_open(row[label_col], root, at)))
+            labels.append(_label(fit(_open(row[label_col], root, at), Image.NEAREST)))
     kind = None
     if path.is_dir() and (path / "dataset.json").is_file():
         kind = json.loads((path / "dataset.json").read_text()).get("condition")

@@ -178,25 +178,45 @@ def generate(
     ``scale == 0`` is the base model alone (for ControlNeXt also with the UNet's base weights)."""
     from ..shapes.metrics import to_uint8_rgb
 
+    _check_sizes(conditions)
     pipe.set_progress_bar_config(disable=not progress)
-    h, w = conditions[0].shape[:2]
     out: list[np.ndarray] = []
     base = method == "controlnext" and scale == 0
     with pipe.base_unet_weights() if base else nullcontext():
-        for i in range(0, len(prompts), batch_size):
-            sl = slice(i, i + batch_size)
+        for batch in _batches([c.shape[:2] for c in conditions], batch_size):
+            h, w = conditions[batch[0]].shape[:2]
             res = pipe(
-                prompt=list(prompts[sl]),
-                **_call_kwargs(method, pipe, conditions[sl], scale),
+                prompt=[prompts[i] for i in batch],
+                **_call_kwargs(method, pipe, [conditions[i] for i in batch], scale),
                 height=h,
                 width=w,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                generator=[torch.Generator().manual_seed(int(s)) for s in seeds[sl]],
+                generator=[torch.Generator().manual_seed(int(seeds[i])) for i in batch],
                 output_type="np",
             )
             out += [to_uint8_rgb(im) for im in res.images]
     return out
+
+
+def _check_sizes(conditions: Sequence[np.ndarray]) -> None:
+    odd = sorted({c.shape[:2] for c in conditions if c.shape[0] % 8 or c.shape[1] % 8})
+    if odd:
+        raise ValueError(
+            f"Conditions of {odd[0][1]}x{odd[0][0]} px: the sizes must be multiples of 8 (resize the split, e.g. "
+            "with --resolution 512)."
+        )
+
+
+def _batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Consecutive indices in batches of at most ``batch_size`` that share one size (a call has one size)."""
+    batches: list[list[int]] = []
+    for i, size in enumerate(sizes):
+        if batches and len(batches[-1]) < batch_size and sizes[batches[-1][0]] == size:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def score(
@@ -323,6 +343,7 @@ def evaluate_methods(
                 f"Metric {m!r} does not apply to a {condition!r} condition; "
                 f"for it: {', '.join(applicable_metrics(condition))}."
             )
+    _check_sizes(conditions)  # before any model is loaded
     k = images_per_condition
     if k < 1:
         raise ValueError(f"images_per_condition must be at least 1, got {k}.")
