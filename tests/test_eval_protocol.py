@@ -120,11 +120,13 @@ def test_eval_on_a_canny_parquet_split(tiny_sd15_dir, three_methods, tmp_path, c
     T2IAdapter(in_channels=1, channels=[32, 64], num_res_blocks=1, downscale_factor=8).save_pretrained(tmp_path / "g")
     args = ["eval", "--base", str(tiny_sd15_dir), "--module", str(three_methods["controlnet"]), "--method"]
     args += ["controlnet", "--method", "t2i-adapter", "--module", str(tmp_path / "g")]
+    args += ["--method", "controlnext", "--module", str(three_methods["controlnext"])]
     args += ["--data", str(tmp_path / "split.parquet"), "--condition", "canny", "--steps", "1"]
-    assert main([*args, "--condition-column", "image", "--json"]) == 0
+    # In bfloat16: every method's control model is cast with its pipeline.
+    assert main([*args, "--condition-column", "image", "--dtype", "bfloat16", "--device", "cpu", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["condition"] == "canny" and "fidelity" not in res
-    assert [set(m["with_control"]) for m in res["methods"]] == [{"canny-f1"}] * 2
+    assert [set(m["with_control"]) for m in res["methods"]] == [{"canny-f1"}] * 3
     assert set(res["skipped"]) == {"clip-score", "fid"}
     # HED and depth conditions derived from the images need their model.
     assert main([*args[:-4], "--condition", "hed", "--condition-column", "image"]) == 2

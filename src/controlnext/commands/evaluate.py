@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..cli import UserError
 from . import add_sampling_options
+from .generate import DTYPES
 
 _METHODS = ("controlnext", "controlnet", "t2i-adapter")  # = evaluation.METHODS, kept here so --help stays light
 _CONDITIONS = ("edges", "mask", "canny", "hed", "depth", "seg")
@@ -94,6 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seg-model", default=None, help="local transformers ADE20K segmentation folder (for seg-miou)")
     p.add_argument("--clip-model", default=None, help="local transformers CLIP folder (for clip-score)")
     p.add_argument("--inception", default=None, help="local TorchScript Inception file (for fid)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--scale", type=float, default=1.0, help="control scale for the 'with control' run (default 1)")
     p.add_argument("--tolerance", type=float, default=2.0, help="edge matching tolerance in pixels (default 2)")
     p.add_argument(
@@ -141,13 +144,13 @@ def _methods(args: argparse.Namespace, kind: str) -> tuple[str | None, list[tupl
     return base, list(zip(methods, modules))
 
 
-def _shipped(kind: str, unet_weights: str | None):
+def _shipped(kind: str, unet_weights: str | None, device: str, dtype):
     from ..shapes.demo import load_demo_pipeline
 
     pipe = load_demo_pipeline(kind, allow_random=False)[0]
     if unet_weights:
         pipe.load_unet_weights(unet_weights)
-    return pipe
+    return pipe.to(device=device, dtype=dtype)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.scale <= 0:
         raise UserError(f"--scale must be above 0 (0 is the 'without control' run), got {args.scale}")
     import numpy as np
+    import torch
 
     from ..evaluation import METRICS, EvalModels, applicable_metrics, evaluate_methods, load_method, markdown_table
     from ..evaluation.data import read_split
@@ -166,7 +170,10 @@ def run(args: argparse.Namespace) -> int:
     from ..shapes.demo import _demo_samples, demo_cases
 
     steps, guidance, per = _settings(args)
-    models = EvalModels(args.hed_model, args.depth_model, args.seg_model, args.clip_model, args.inception)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default_dtype = "float16" if device.startswith("cuda") else "float32"
+    dtype = getattr(torch, DTYPES[args.dtype] if args.dtype else default_dtype)
+    models = EvalModels(args.hed_model, args.depth_model, args.seg_model, args.clip_model, args.inception, device)
     references = labels = None
     if args.data is not None:
         split = read_split(args.data, args.n, args.condition_column, args.label_column, args.resolution)
@@ -192,10 +199,9 @@ def run(args: argparse.Namespace) -> int:
 
     def factory(method: str, module: str):
         if shipped:
-            return lambda: _shipped(kind, args.unet_weights)
-        return lambda: load_method(method, base, module, args.unet_weights if method == "controlnext" else None)
-
-    import torch
+            return lambda: _shipped(kind, args.unet_weights, device, dtype)
+        weights = args.unet_weights if method == "controlnext" else None
+        return lambda: load_method(method, base, module, weights, device, dtype)
 
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -224,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     first = results[0]
     shapes_metric = {"edges": "edge-f1", "mask": "mask-iou"}.get(kind)
     metric_title = "mask IoU" if kind == "mask" else f"edge F1 ({args.tolerance:g} px tolerance)"
-    payload: dict = {"condition": kind, "n": len(prompts), "base": base, "module": pairs[0][1]}
+    payload: dict = {}
     if shapes_metric in first.with_control:
         fw, fo = first.with_control[shapes_metric], first.without_control[shapes_metric]
         if len(results) == 1:  # with several methods the table says it all
@@ -233,8 +239,11 @@ def run(args: argparse.Namespace) -> int:
                 f"without control {fo:.3f}, with control (scale {args.scale:g}) {fw:.3f}"
             )
         payload = {"fidelity": {"with_control": round(fw, 4), "without_control": round(fo, 4)}, "metric": metric_title}
-        payload.update(condition=kind, n=len(prompts), base=base, module=pairs[0][1])
     payload.update(
+        condition=kind,
+        n=len(prompts),
+        base=base,
+        module=pairs[0][1],
         protocol=args.protocol,
         steps=steps,
         guidance=guidance,

@@ -175,6 +175,7 @@ def clip_score(model, processor, images: Sequence, prompts: Sequence[str]) -> fl
     if len(images) != len(prompts):
         raise ValueError(f"Got {len(images)} images for {len(prompts)} prompts.")
     inputs = processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True, truncation=True)
+    inputs = inputs.to(model.device)
     img = model.get_image_features(pixel_values=inputs["pixel_values"])
     txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))  # transformers 5 may wrap the features

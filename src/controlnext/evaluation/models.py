@@ -65,48 +65,59 @@ class HEDDetector:
     """Soft-edge map (H, W) uint8 of an RGB image: the sigmoid of the mean of the five side outputs, each brought
     back to the input size (bilinear), as ControlNet's annotator computes it."""
 
-    def __init__(self, network: HEDNetwork) -> None:
-        self.network = network.eval()
+    def __init__(self, network: HEDNetwork, device: str | torch.device = "cpu") -> None:
+        self.network = network.eval().to(device)
+        self.device = torch.device(device)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> HEDDetector:
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> HEDDetector:
         net = HEDNetwork()
         state = torch.load(_require(path, "HED weights (ControlNetHED.pth)"), map_location="cpu", weights_only=True)
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
             raise ValueError(f"{path} is not ControlNet's HED state dict (ControlNetHED.pth): {e}") from None
-        return cls(net)
+        return cls(net, device)
 
     @torch.no_grad()
     def __call__(self, image) -> np.ndarray:
         arr = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
         h, w = arr.shape[:2]
-        x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None]
-        sides = [s[0, 0].float().numpy() for s in self.network(x)]
+        x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None].to(self.device)
+        sides = [s[0, 0].float().cpu().numpy() for s in self.network(x)]
         sides = [cv2.resize(s, (w, h), interpolation=cv2.INTER_LINEAR) for s in sides]
         edge = 1 / (1 + np.exp(-np.mean(sides, axis=0).astype(np.float64)))
         return (edge * 255.0).clip(0, 255).astype(np.uint8)
 
 
 class DepthEstimator:
-    """0..255 grey depth map (H, W) of an image, from a local transformers depth-estimation folder."""
+    """0..255 grey depth map (H, W) of an image, from a local transformers depth-estimation folder: the
+    prediction brought to the image's size (bicubic) and min-max normalised, as :func:`controlnext.preprocess.depth`
+    makes depth conditions (here on ``device``)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        from transformers import pipeline
+
         from ..preprocess import check_depth_model
 
-        self.path = check_depth_model(path)
+        self.estimator = pipeline("depth-estimation", model=check_depth_model(path), device=torch.device(device))
 
     def __call__(self, image) -> np.ndarray:
-        from ..preprocess import depth
+        from PIL import Image
 
-        return np.asarray(depth(image, model=self.path).convert("L"))
+        from ..preprocess._image import _minmax_u8
+
+        pil = image.convert("RGB") if hasattr(image, "convert") else Image.fromarray(np.asarray(image))
+        values = self.estimator(pil)["predicted_depth"].squeeze().float().cpu().numpy()
+        if values.shape != (pil.height, pil.width):
+            values = cv2.resize(values, pil.size, interpolation=cv2.INTER_CUBIC)
+        return _minmax_u8(values.astype(np.float64))
 
 
 class Segmenter:
     """Per-pixel class ids (H, W) of an image, from a local transformers segmentation folder."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation
 
         path = _require(path, "segmentation model folder")
@@ -115,6 +126,8 @@ class Segmenter:
             self.model = AutoModelForSemanticSegmentation.from_pretrained(str(path)).eval()
         except ValueError:  # Mask2Former / OneFormer are "universal" segmentation models
             self.model = AutoModelForUniversalSegmentation.from_pretrained(str(path)).eval()
+        self.device = torch.device(device)
+        self.model.to(self.device)
         self.num_classes = len(self.model.config.id2label)
 
     @torch.no_grad()
@@ -122,7 +135,7 @@ class Segmenter:
         from PIL import Image
 
         pil = image.convert("RGB") if hasattr(image, "convert") else Image.fromarray(np.asarray(image))
-        out = self.model(**self.processor(images=pil, return_tensors="pt"))
+        out = self.model(**self.processor(images=pil, return_tensors="pt").to(self.device))
         size = [(pil.height, pil.width)]
         if hasattr(self.processor, "post_process_semantic_segmentation"):
             return self.processor.post_process_semantic_segmentation(out, target_sizes=size)[0].cpu().numpy()
@@ -130,18 +143,18 @@ class Segmenter:
         return logits.argmax(1)[0].cpu().numpy()
 
 
-def load_clip(path: str | Path):
+def load_clip(path: str | Path, device: str | torch.device = "cpu"):
     """(CLIPModel, CLIPProcessor) from a local folder."""
     from transformers import CLIPModel, CLIPProcessor
 
     path = _require(path, "CLIP model folder")
-    return CLIPModel.from_pretrained(str(path)).eval(), CLIPProcessor.from_pretrained(str(path))
+    return CLIPModel.from_pretrained(str(path)).eval().to(device), CLIPProcessor.from_pretrained(str(path))
 
 
-def load_inception(path: str | Path):
+def load_inception(path: str | Path, device: str | torch.device = "cpu"):
     """A callable uint8 (B, 3, H, W) -> (B, D) features from a TorchScript Inception file."""
     try:
-        model = torch.jit.load(str(_require(path, "Inception TorchScript file")), map_location="cpu").eval()
+        model = torch.jit.load(str(_require(path, "Inception TorchScript file")), map_location=device).eval()
     except RuntimeError as e:
         raise ValueError(
             f"{path} is not a TorchScript file (expected e.g. inception-2015-12-05.pt of StyleGAN3 / clean-fid): {e}"
@@ -149,6 +162,6 @@ def load_inception(path: str | Path):
 
     @torch.no_grad()
     def extract(x: torch.Tensor) -> torch.Tensor:
-        return model(x, return_features=True)
+        return model(x.to(device), return_features=True)
 
     return extract

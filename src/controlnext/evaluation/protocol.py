@@ -84,6 +84,7 @@ class EvalModels:
     segmenter: str | Path | None = None
     clip: str | Path | None = None
     inception: str | Path | None = None
+    device: str = "cpu"
     _loaded: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def get(self, name: str):
@@ -98,7 +99,7 @@ class EvalModels:
                 "clip": models.load_clip,
                 "inception": models.load_inception,
             }[name]
-            self._loaded[name] = loader(path)
+            self._loaded[name] = loader(path, self.device)
         return self._loaded[name]
 
 
@@ -119,16 +120,24 @@ def derive_condition(condition: str, image: np.ndarray, models: EvalModels) -> n
     return np.repeat(grey[..., None], 3, axis=2)
 
 
-def load_method(method: str, base: str, module: str, unet_weights: str | None = None):
-    """The stock pipeline of ``method`` on ``base`` with the control model at ``module``."""
+def load_method(
+    method: str,
+    base: str,
+    module: str,
+    unet_weights: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """The stock pipeline of ``method`` on ``base`` with the control model at ``module``, on ``device`` in
+    ``dtype`` (None: as stored)."""
     if method == "controlnext":
-        from ..loading import load_controlnext
         from ..pipelines import StableDiffusionControlNeXtPipeline
 
-        pipe = StableDiffusionControlNeXtPipeline.from_pretrained(base, controlnext=load_controlnext(module))
+        pipe = StableDiffusionControlNeXtPipeline.from_pretrained(base, torch_dtype=dtype)
+        pipe.load_controlnext(module)  # takes the backbone's device and dtype
         if unet_weights:
             pipe.load_unet_weights(unet_weights)
-        return pipe
+        return pipe.to(device)
     if unet_weights:
         raise ValueError("--unet-weights goes with a ControlNeXt module only.")
     import diffusers
@@ -142,10 +151,15 @@ def load_method(method: str, base: str, module: str, unet_weights: str | None = 
         raise FileNotFoundError(
             f"{module} is not a diffusers {model_cls.__name__} folder (config.json and weights) for --method {method}."
         )
-    control = model_cls.from_pretrained(str(folder))
+    control = model_cls.from_pretrained(str(folder), torch_dtype=dtype)
     return pipe_cls.from_pretrained(
-        base, **{arg: control}, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+        base,
+        **{arg: control},
+        torch_dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device)
 
 
 def _call_kwargs(method: str, pipe, conditions: Sequence[np.ndarray], scale: float) -> dict:
