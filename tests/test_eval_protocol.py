@@ -269,3 +269,20 @@ def test_split_resolution_and_size_batches(tmp_path):
     assert _batches(sizes, 2) == [[0, 1], [2], [3, 4], [5]]
     with pytest.raises(ValueError, match="multiples of 8"):
         generate("controlnet", None, ["t"], [image], [0], 1, 1.0, 1.0)
+
+
+def test_metrics_accumulate_over_chunks_as_over_the_whole_set():
+    from controlnext.evaluation import EvalModels
+    from controlnext.evaluation.protocol import MetricAccumulator
+
+    samples = [render_sample(8, i) for i in range(4)]
+    conds = [np.repeat((M.canny_map(s.image) * 255).astype(np.uint8)[..., None], 3, 2) for s in samples]
+    images = [im for s in samples for im in (s.image, np.roll(s.image, 2, axis=0))]  # 2 images per condition
+    whole, chunked = (MetricAccumulator("canny-f1", EvalModels(), per_condition=2) for _ in range(2))
+    whole.add(images, conds, ["p"] * 4)
+    chunked.add(images[:2], conds[:1], ["p"])
+    chunked.add(images[2:], conds[1:], ["p"] * 3)
+    assert chunked.result() == whole.result()
+    mean, per = whole.result()
+    expected = [100 * M.canny_f1(images[2 * i : 2 * i + 2], conds[i]) for i in range(4)]  # pooled per condition
+    assert per == pytest.approx(expected) and mean == pytest.approx(np.mean(expected))

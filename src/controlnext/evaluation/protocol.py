@@ -35,8 +35,8 @@ __all__ = [
     "evaluate_methods",
     "generate",
     "load_method",
+    "MetricAccumulator",
     "markdown_table",
-    "score",
 ]
 
 METHODS = ("controlnext", "controlnet", "t2i-adapter")
@@ -233,50 +233,73 @@ def _batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int
     return batches
 
 
-def score(
-    name: str,
-    images: Sequence[np.ndarray],
-    conditions: Sequence[np.ndarray],
-    prompts: Sequence[str],
-    per_condition: int,
-    condition: str,
-    models: EvalModels,
-    references: Sequence[np.ndarray] | None = None,
-    labels: Sequence[np.ndarray] | None = None,
-    tolerance: float = 2.0,
-) -> tuple[float, list[float] | None]:
-    """(mean, per-condition values or None) of metric ``name`` for ``images`` (``per_condition`` consecutive
-    images for each of ``conditions``)."""
-    from ..shapes.metrics import control_fidelity
+class MetricAccumulator:
+    """Metric ``name`` accumulated over chunks of conditions, so a large split never holds all its images.
 
-    groups = [images[i * per_condition : (i + 1) * per_condition] for i in range(len(conditions))]
-    if name in ("edge-f1", "mask-iou"):
-        kind = "edges" if name == "edge-f1" else "mask"
-        vals = [np.mean([control_fidelity(im, c, kind, tolerance) for im in g]) for g, c in zip(groups, conditions)]
-        vals = [float(v) for v in vals]
-    elif name == "canny-f1":
-        vals = [100 * M.canny_f1(g, c) for g, c in zip(groups, conditions)]
-    elif name == "hed-ms-ssim":
-        hed = models.get("hed")
-        vals = [float(np.mean([M.ms_ssim(hed(im), M.to_gray(c)) for im in g])) for g, c in zip(groups, conditions)]
-    elif name == "depth-rmse":
-        est = models.get("depth")
-        vals = [float(np.mean([M.depth_rmse(est(im), c) for im in g])) for g, c in zip(groups, conditions)]
-    elif name == "seg-miou":
-        seg = models.get("segmenter")
-        miou = M.MeanIoU(seg.num_classes, reduce_zero_label=True)
-        for g, label in zip(groups, labels):
-            for im in g:
-                miou.update(seg(im), label)
-        return 100 * miou.value, None
-    elif name == "clip-score":
-        model, processor = models.get("clip")
-        vals = [M.clip_score(model, processor, list(g), [p] * len(g)) for g, p in zip(groups, prompts)]
-    elif name == "fid":
-        return M.fid(models.get("inception"), list(images), list(references)), None
-    else:
-        raise ValueError(f"Unknown metric {name!r}; known: {', '.join(METRICS)}.")
-    return float(np.mean(vals)), vals
+    :meth:`add` takes ``per_condition`` consecutive images for each of its conditions; :meth:`result` gives
+    (mean, per-condition values or None: mIoU and FID are set-level)."""
+
+    def __init__(
+        self,
+        name: str,
+        models: EvalModels,
+        per_condition: int,
+        tolerance: float = 2.0,
+        reference_features: np.ndarray | None = None,
+    ) -> None:
+        if name not in METRICS:
+            raise ValueError(f"Unknown metric {name!r}; known: {', '.join(METRICS)}.")
+        self.name, self.models, self.k, self.tolerance = name, models, per_condition, tolerance
+        self.values: list[float] = []
+        self.features: list[np.ndarray] = []
+        self.reference_features = reference_features
+        self.miou = None
+        if name == "seg-miou":
+            self.miou = M.MeanIoU(models.get("segmenter").num_classes, reduce_zero_label=True)
+
+    def add(
+        self,
+        images: Sequence[np.ndarray],
+        conditions: Sequence[np.ndarray],
+        prompts: Sequence[str],
+        labels: Sequence[np.ndarray] | None = None,
+    ) -> None:
+        from ..shapes.metrics import control_fidelity
+
+        name, k = self.name, self.k
+        groups = [images[i * k : (i + 1) * k] for i in range(len(conditions))]
+        if name in ("edge-f1", "mask-iou"):
+            kind = "edges" if name == "edge-f1" else "mask"
+            tol = self.tolerance
+            vals = [np.mean([control_fidelity(im, c, kind, tol) for im in g]) for g, c in zip(groups, conditions)]
+        elif name == "canny-f1":
+            vals = [100 * M.canny_f1(g, c) for g, c in zip(groups, conditions)]
+        elif name == "hed-ms-ssim":
+            hed = self.models.get("hed")
+            vals = [np.mean([M.ms_ssim(hed(im), M.to_gray(c)) for im in g]) for g, c in zip(groups, conditions)]
+        elif name == "depth-rmse":
+            est = self.models.get("depth")
+            vals = [np.mean([M.depth_rmse(est(im), c) for im in g]) for g, c in zip(groups, conditions)]
+        elif name == "clip-score":
+            model, processor = self.models.get("clip")
+            vals = [M.clip_score(model, processor, list(g), [p] * len(g)) for g, p in zip(groups, prompts)]
+        elif name == "seg-miou":
+            seg = self.models.get("segmenter")
+            for g, label in zip(groups, labels):
+                for im in g:
+                    self.miou.update(seg(im), label)
+            return
+        else:  # fid
+            self.features.append(M.inception_features(self.models.get("inception"), list(images)))
+            return
+        self.values += [float(v) for v in vals]
+
+    def result(self) -> tuple[float, list[float] | None]:
+        if self.name == "seg-miou":
+            return 100 * self.miou.value, None
+        if self.name == "fid":
+            return M.frechet_distance(np.concatenate(self.features), self.reference_features), None
+        return float(np.mean(self.values)), list(self.values)
 
 
 def skip_reason(name: str, models: EvalModels, has_images: bool, has_labels: bool, n_images: int) -> str | None:
@@ -344,9 +367,11 @@ def evaluate_methods(
     labels: Sequence[np.ndarray] | None = None,
     tolerance: float = 2.0,
     progress: bool = False,
+    batch_size: int = 16,
 ) -> tuple[list[MethodResult], dict[str, str], dict[str, list]]:
     """Run the protocol for each ``(method, module label, pipeline factory)``; returns (results, skipped metrics,
-    {method label: [with-control images, without-control images]}).
+    {method label: [with-control images, without-control images]}, the images of every condition, or of the first
+    16 when there are over 1024 images). Images are generated and scored in chunks of ``batch_size``.
 
     Condition ``i`` gets ``images_per_condition`` images with seeds ``seeds[i] * images_per_condition + j``."""
     for m in metric_names:
@@ -369,25 +394,37 @@ def evaluate_methods(
         for m in metric_names
         if (why := skip_reason(m, models, references is not None, labels is not None, len(rep_prompts))) is not None
     }
+    reference_features = None
+    if "fid" in metric_names and "fid" not in skipped:  # the split's own images: computed once for all methods
+        reference_features = M.inception_features(models.get("inception"), list(references))
+    chunk = max(1, batch_size // k)  # conditions per pipeline call
+    kept = len(conditions) if len(conditions) * k <= 1024 else 16  # images kept for the caller's grid
     results, images = [], {}
     for method, module, make_pipe in methods:
         pipe = make_pipe()
-        outs = {
-            s: generate(method, pipe, rep_prompts, rep_conds, rep_seeds, steps, guidance, s, progress=progress)
-            for s in (scale, 0.0)
-        }
-        del pipe
         res = MethodResult(method, module, {}, {})
-        for m in metric_names:
-            if m in skipped:
-                continue
-            for s, target in ((scale, res.with_control), (0.0, res.without_control)):
-                mean, per = score(
-                    m, outs[s], conditions, prompts, k, condition, models, references, labels, tolerance
+        shown: dict[float, list] = {}
+        for s, target in ((scale, res.with_control), (0.0, res.without_control)):
+            accs = [
+                MetricAccumulator(m, models, k, tolerance, reference_features) for m in metric_names if m not in skipped
+            ]
+            shown[s] = []
+            for c0 in range(0, len(conditions), chunk):
+                cs = slice(c0, c0 + chunk)
+                rs = slice(c0 * k, (c0 + chunk) * k)
+                outs = generate(
+                    method, pipe, rep_prompts[rs], rep_conds[rs], rep_seeds[rs], steps, guidance, s, batch_size,
+                    progress,
                 )
-                target[m] = mean
+                for acc in accs:
+                    acc.add(outs, conditions[cs], prompts[cs], None if labels is None else labels[cs])
+                shown[s] += outs[: max(0, kept - c0) * k]
+            for acc in accs:
+                mean, per = acc.result()
+                target[acc.name] = mean
                 if per is not None:
-                    res.per_condition.setdefault(m, {})["with" if s == scale else "without"] = per
+                    res.per_condition.setdefault(acc.name, {})["with" if s == scale else "without"] = per
+        del pipe
         results.append(res)
-        images[f"{method}:{module}"] = [outs[scale], outs[0.0]]
+        images[f"{method}:{module}"] = [shown[scale], shown[0.0]]
     return results, skipped, images
