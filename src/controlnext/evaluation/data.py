@@ -79,15 +79,18 @@ def _label(img: Image.Image) -> np.ndarray:
     return arr[..., 0] if arr.ndim == 3 else arr  # class ids are stored in one channel (or repeated in all)
 
 
-def _parquet_rows(path: Path) -> tuple[list[dict], Path]:
+def _parquet_rows(path: Path, n: int | None) -> tuple[list[dict], Path]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("Reading parquet needs pyarrow: pip install pyarrow.") from e
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     rows: list[dict] = []
-    for f in files:
-        rows += pq.read_table(f).to_pylist()
+    for f in files:  # in batches, stopping at n rows: a split's image bytes need not all be in memory
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64):
+            rows += batch.to_pylist()
+            if n is not None and len(rows) >= n:
+                return rows[:n], (path.parent if path.is_file() else path)
     return rows, (path.parent if path.is_file() else path)
 
 
@@ -124,7 +127,7 @@ def read_split(
     path = Path(path)
     imagefolder = (path / "metadata.jsonl").is_file()
     if path.suffix == ".parquet" or (path.is_dir() and not imagefolder and any(path.rglob("*.parquet"))):
-        rows, root = _parquet_rows(path)
+        rows, root = _parquet_rows(path, n)
         where = str(path)
     elif imagefolder:
         meta = path / "metadata.jsonl"
