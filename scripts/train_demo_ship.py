@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "src" / "controlnext" / "assets" / "demo"
+MODULE_FILES = ("controlnext.safetensors", "unet_weight_increasements.safetensors")
 BASE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
 
 
@@ -136,21 +137,30 @@ Chance levels: colour 1/8, shape 1/5, background 1/7. Shape kind drawn as asked,
 """
 
 
+def _structure(summary: dict) -> str:
+    c = json.loads(summary["config"]["controlnext_config"])
+    blocks = c["block_out_channels"]
+    grid = "1/4 of the condition, the latent grid of this VAE" if len(blocks) == 1 else "1/8 of the condition"
+    return f"stem {tuple(c['embedding_channels'])}, blocks {tuple(blocks)}, features at {grid}"
+
+
 def module_card(condition: str, summary: dict, fid: dict, size_mb: float, command: str) -> str:
     metric = "mask IoU" if condition == "mask" else "edge F1 with a 2-pixel tolerance"
     tr = summary["trainable"]
     return f"""# controlnext demo module: {condition}
 
 A ControlNeXt control module for the demo base (`../base`): condition = {"Canny edges (per-channel, 50/150)" if condition == "edges" else "the shape's silhouette mask"}, white on black, 64x64.
-One file, `controlnext.safetensors` ({size_mb:.2f} MB), in the published key layout with its config in the
-metadata (load with `controlnext.loading.load_controlnext`).
+Shipped as the releases ship theirs: `controlnext.safetensors` ({size_mb:.2f} MB, the published key layout with its
+config in the metadata) and `unet_weight_increasements.safetensors`, the deltas of the trained UNet subset (the
+attention output projections, `to_out`, as the published SD1.5 recipe trains). `controlnext.shapes.demo` loads both
+with the code used for published releases (`load_controlnext`, then the pipeline's `load_unet_weights`).
 
 | | |
 |---|---|
-| structure | `sd15-training` variant (injected after down block 0, Cross Normalization, pool first) with fewer channels: stem (16, 16, 32), blocks (32, 64), output 32 |
-| trainable | control module only ({tr["control"]:,} parameters); the base UNet is unchanged |
+| structure | `sd15-training` variant (injected after down block 0, Cross Normalization, pool first) with fewer channels: {_structure(summary)} |
+| trainable | control module ({tr["control"]:,} parameters) plus the UNet's `to_out` layers ({tr["unet"]:,} parameters in {tr["unet_tensors"]} tensors, shipped as deltas); "without control" uses the base UNet |
 | data | `controlnext make-dataset --n 4000 --seed 1 --condition {condition}` |
-| training | `controlnext train`: {summary["steps"]} steps, batch {summary["config"]["train_batch_size"]}, lr {summary["config"]["learning_rate"]}, caption dropout {summary["config"]["caption_dropout"]}, seed {summary["config"]["seed"]}, CPU; {summary["seconds"] / 60:.1f} min |
+| training | `controlnext train`: {summary["steps"]} steps, batch {summary["config"]["train_batch_size"]}, lr {summary["config"]["learning_rate"]} (UNet {summary["config"]["unet_learning_rate"]}), caption dropout {summary["config"]["caption_dropout"]}, seed {summary["config"]["seed"]}, CPU; {summary["seconds"] / 60:.1f} min |
 | final training loss | {summary["final_loss"]:.4f} |
 
 ## Control fidelity ({metric}; {fid["n"]} held-out cases, shapes seed 1234, 20 steps, guidance 5)
@@ -172,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("build", type=Path, help="folder with base/, edges/ and mask/")
     p.add_argument("--n-base", type=int, default=64)
+    p.add_argument("--modules-only", action="store_true", help="ship new modules for the base already in --assets")
     p.add_argument("--n-fidelity", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
@@ -184,22 +195,27 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Copy the weights (only what a pipeline loads).
     dst = assets / "base"
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir(parents=True)
-    for part in BASE_PARTS:
-        src = args.build / "base" / part
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst / part)
+    if not args.modules_only:
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        for part in BASE_PARTS:
+            src = args.build / "base" / part
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst / part)
     for cond in ("edges", "mask"):
         (assets / cond).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(args.build / cond / "controlnext.safetensors", assets / cond / "controlnext.safetensors")
+        for name in MODULE_FILES:
+            shutil.copy2(args.build / cond / name, assets / cond / name)
 
     # 2. Measure and write the cards.
-    info = json.loads((args.build / "base" / "training.json").read_text())
-    size = sum(f.stat().st_size for f in dst.rglob("*.safetensors")) / 2**20
-    acc = base_accuracy(dst, args.n_base, 20, 5.0)
-    print("base", json.dumps(acc), flush=True)
-    (dst / "README.md").write_text(base_card(info, acc, size))
-    metrics = {"base": acc}
+    if args.modules_only:  # the shipped base is kept, with its card and measured accuracy
+        metrics = {"base": json.loads((assets / "metrics.json").read_text())["base"]}
+    else:
+        info = json.loads((args.build / "base" / "training.json").read_text())
+        size = sum(f.stat().st_size for f in dst.rglob("*.safetensors")) / 2**20
+        acc = base_accuracy(dst, args.n_base, 20, 5.0)
+        print("base", json.dumps(acc), flush=True)
+        (dst / "README.md").write_text(base_card(info, acc, size))
+        metrics = {"base": acc}
     for cond in ("edges", "mask"):
         summary = json.loads((args.build / cond / "train_summary.json").read_text())
         fid = module_fidelity(assets, cond, args.n_fidelity, 20, 5.0)

@@ -74,3 +74,35 @@ def test_eval_command_errors(tmp_path, capsys):
     assert main(["eval", "--data", str(tmp_path)]) == 2
     assert "metadata.jsonl" in capsys.readouterr().err
     assert main(["demo", "--n", "0"]) == 2
+
+
+def test_grid_has_column_headers_scores_and_nearest_neighbour_cells(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from controlnext.shapes.demo import GRID_COLUMNS, save_grid
+
+    rng = np.random.default_rng(0)
+    cells = [[rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)] for _ in range(3)]
+    path = save_grid(tmp_path / "g.png", *cells, zoom=4, scores=[(0.1, 0.9), (0.2, 0.8)], metric="edge F1")
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    cell, gap, header = 16 * 4, 4, 28
+    assert grid.shape[0] == header + 2 * (cell + gap) - gap and grid.shape[1] > 3 * cell + 2 * gap
+    assert len(GRID_COLUMNS) == 3 and GRID_COLUMNS[0] == "condition"
+    for col in range(4):  # every column title (and the score column's) is drawn in the header strip
+        x0 = col * (cell + gap)
+        assert (grid[:header, x0 : x0 + cell] == 255).any(), col
+    for r in range(2):  # the score text beside each row
+        y0 = header + r * (cell + gap)
+        assert (grid[y0 : y0 + cell, 3 * (cell + gap) :] == 255).any(), r
+    # nearest-neighbour upscaling: each source pixel is a flat 4x4 block
+    first = grid[header : header + cell, :cell].reshape(16, 4, 16, 4, 3)
+    assert (first == first[:, :1, :, :1]).all()
+    np.testing.assert_array_equal(first[:, 0, :, 0], cells[0][0])
+
+
+def test_demo_reports_the_metric_ceiling(tmp_path, capsys):
+    assert main(["demo", "--json", "--output", str(tmp_path), "--n", "2", "--condition", "mask"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    assert 0.5 < res["ceiling"] <= 1.0 and "ceiling" in out.splitlines()[-3]
