@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the shipped demo weights (src/controlnext/assets/demo) and their model cards, on CPU.
-#   bash scripts/train_demo_all.sh [BUILD_DIR]        (default build/demo; about 1.5 h on one thread)
+#   bash scripts/train_demo_all.sh [BUILD_DIR]        (default build/demo; about 2 h on one thread)
 # ASSETS=DIR writes the weights, cards and metrics.json there instead of into the package (to check a rerun).
 # Step counts are fixed (not time budgets), so a rerun gives the same weights on the same thread count.
 # A stage whose output is complete is not run again (an interrupted stage restarts from its beginning).
@@ -10,8 +10,11 @@ THREADS=${THREADS:-1}
 VAE_STEPS=${VAE_STEPS:-1983}
 UNET_STEPS=${UNET_STEPS:-7260}
 ANNEAL_STEPS=${ANNEAL_STEPS:-6000}
-MODULE_STEPS=${MODULE_STEPS:-4000}
-MODULE_CONFIG='{"embedding_channels": [16, 16, 32], "block_in_channels": [32, 32], "block_out_channels": [32, 64], "groups": [4, 8], "mid_groups": 8}'
+MODULE_STEPS=${MODULE_STEPS:-3000}
+# Edges: one residual block, so the features sit on the 16x16 latent grid of this 4x VAE (thin lines need it);
+# masks: the light layout's two blocks (features at 1/8, pooled to the latent grid).
+EDGES_CONFIG='{"embedding_channels": [16, 16, 32], "block_in_channels": [32], "block_out_channels": [64], "groups": [4], "mid_groups": 8}'
+MASK_CONFIG='{"embedding_channels": [16, 16, 32], "block_in_channels": [32, 32], "block_out_channels": [32, 64], "groups": [4, 8], "mid_groups": 8}'
 mkdir -p "$BUILD"
 done_() { [ -f "$1/training.json" ] && grep -q '"final": true' "$1/training.json"; }
 
@@ -28,15 +31,17 @@ if ! { done_ "$BUILD/base" && grep -q '"init"' "$BUILD/base/training.json"; }; t
         --n-train 16000 --unet-steps "$ANNEAL_STEPS" --lr-schedule cosine
 fi
 
-# 3. One ControlNeXt module per condition, with `controlnext train` on a 4000-sample shapes dataset (seed 1).
+# 3. One ControlNeXt module per condition, with `controlnext train` on a 4000-sample shapes dataset (seed 1): the
+# published recipe, the module plus the UNet's attention output projections (`to_out`), exported as deltas.
 for COND in edges mask; do
+    if [ "$COND" = edges ]; then MODULE_CONFIG=$EDGES_CONFIG; else MODULE_CONFIG=$MASK_CONFIG; fi
     [ -f "$BUILD/data_$COND/dataset.json" ] \
         || controlnext make-dataset "$BUILD/data_$COND" --n 4000 --seed 1 --condition "$COND"
     CMD=(controlnext train --model "$BUILD/base" --dataset "$BUILD/data_$COND"
-         --controlnext-variant sd15-training --controlnext-config "$MODULE_CONFIG" --train-unet none
-         --resolution 64 --caption-dropout 0.1 --train-batch-size 16 --learning-rate 1e-3
-         --max-train-steps "$MODULE_STEPS" --checkpointing-steps 250 --seed 0 --cpu --cpu-threads "$THREADS"
-         --output-dir "$BUILD/$COND")
+         --controlnext-variant sd15-training --controlnext-config "$MODULE_CONFIG" --train-unet to_out
+         --resolution 64 --caption-dropout 0.1 --train-batch-size 16 --learning-rate 1e-3 --unet-learning-rate 1e-3
+         --max-train-steps "$MODULE_STEPS" --checkpointing-steps 500 --seed 0 --cpu --cpu-threads "$THREADS"
+         --save-unet-as deltas --output-dir "$BUILD/$COND")
     [ -f "$BUILD/$COND/train_summary.json" ] || "${CMD[@]}"
     printf '%q ' "${CMD[@]}" > "$BUILD/$COND/command.txt"
 done
