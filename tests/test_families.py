@@ -272,7 +272,8 @@ def test_no_import_cycles_inside_the_package():
                     deps.update(f"{base}.{a.name}" for a in node.names)
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names if a.name.startswith("controlnext"))
-    graph = {k: {d for d in v if d in graph and d != k} for k, v in graph.items()}
+    # A module's own ancestor packages are initialised before it whatever it imports: not a cycle.
+    graph = {k: {d for d in v if d in graph and d != k and not k.startswith(d + ".")} for k, v in graph.items()}
     state: dict[str, int] = {}
 
     def visit(node: str, stack: list[str]) -> None:

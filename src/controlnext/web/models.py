@@ -54,13 +54,16 @@ class ModelSpec:
     lora_weight: float = 1.0
     notes: str = ""
     max_side: int | None = None  # largest output side the base is meant for (the demo: its native size)
+    unet_weights: str | None = None  # the trained UNet subset that goes with the module (values or deltas)
 
     def with_refs(self, base: str, controlnext: str | None, lora: str | None, lora_weight: float) -> ModelSpec:
         label = self.label if (base, controlnext) == (self.base, self.controlnext) else f"{base} + {controlnext}"
         max_side = self.max_side if base == self.base else None  # the size limit belongs to the base model
+        # The UNet subset was trained with its module on its base: it goes only with both.
+        unet_weights = self.unet_weights if (base, controlnext) == (self.base, self.controlnext) else None
         return replace(
             self, label=label, base=base, controlnext=controlnext, lora=lora, lora_weight=lora_weight,
-            max_side=max_side,
+            max_side=max_side, unet_weights=unet_weights,
         )  # fmt: skip
 
 
@@ -68,6 +71,7 @@ def demo_models() -> list[ModelSpec]:
     """The shipped shapes demo's (base, module) pairs, one per condition kind; empty when not installed."""
     try:
         from ..shapes.demo import DEMO_GUIDANCE, DEMO_STEPS, demo_assets
+        from ..training.export import UNET_DELTAS_FILE
     except ImportError:  # a trimmed install without the demo module
         return []
     root = demo_assets()
@@ -79,6 +83,7 @@ def demo_models() -> list[ModelSpec]:
         ("mask", "mask", (("threshold", 128),)),
     ):
         module = root / kind / "controlnext.safetensors"
+        deltas = root / kind / UNET_DELTAS_FILE
         if module.is_file():
             specs.append(
                 ModelSpec(
@@ -94,6 +99,7 @@ def demo_models() -> list[ModelSpec]:
                     guidance=DEMO_GUIDANCE,
                     prompt="a red star on a blue background",
                     notes="The shipped 64x64 shapes model: one coloured shape on a plain background.",
+                    unet_weights=str(deltas) if deltas.is_file() else None,
                 )
             )
     return specs
@@ -245,6 +251,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             pipe.load_controlnext(control)
         except OSError as err:
             raise FileNotFoundError(f"Could not load the control module {control!r}: {err}") from err
+        if spec.unet_weights:
+            pipe.load_unet_weights(spec.unet_weights)
     # Components were loaded in ``dtype`` already; the tiny model is built in float32 and cast only on GPU.
     pipe = pipe.to(device, dtype) if device != "cpu" else pipe
     loaded = LoadedModel(spec=spec, pipe=pipe, family=family)
