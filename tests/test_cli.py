@@ -214,3 +214,29 @@ def test_generate_out_of_memory_is_one_line(tiny_sd15_dir, tmp_path, condition, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "out of memory on cpu: lower --num-images or --height/--width" in err and "Traceback" not in err
+
+
+def _demo_subprocess(tmp_path, *flags):
+    cmd = [sys.executable, "-m", "controlnext.cli", *flags, "demo", "--n", "1", "--steps", "2", "-o", str(tmp_path)]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_demo_prints_no_library_warnings_and_verbose_brings_them_back(tmp_path):
+    out = _demo_subprocess(tmp_path)
+    assert out.returncode == 0, out.stderr
+    # torchvision advice, diffusers' FutureWarnings and float32 note, loading bars: none of it reaches the user
+    assert out.stderr == "", out.stderr
+    assert "control fidelity" in out.stdout
+    loud = _demo_subprocess(tmp_path, "-v")
+    assert loud.returncode == 0, loud.stderr
+    assert "Loading pipeline components" in loud.stderr
+
+
+def test_quiet_cli_restores_the_libraries_logging_for_in_process_callers(tmp_path):
+    import diffusers
+    import transformers
+
+    before = diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()
+    assert main(["demo", "--n", "1", "--steps", "1", "-o", str(tmp_path)]) == 0
+    assert (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()) == before
+    assert diffusers.utils.logging.is_progress_bar_enabled()
