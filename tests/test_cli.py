@@ -240,3 +240,64 @@ def test_quiet_cli_restores_the_libraries_logging_for_in_process_callers(tmp_pat
     assert main(["demo", "--n", "1", "--steps", "1", "-o", str(tmp_path)]) == 0
     assert (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()) == before
     assert diffusers.utils.logging.is_progress_bar_enabled()
+
+
+@pytest.fixture()
+def shapes_condition(tmp_path):
+    # a 64 px edge map of the demo world (its native size), so no fitting is involved
+    from controlnext.shapes.world import condition_image, render_sample
+
+    path = tmp_path / "condition-edges.png"
+    PIL.Image.fromarray(condition_image(render_sample(7, 0), "edges")).save(path)
+    return path
+
+
+def _generate_demo(tmp_path, name, model, module, condition) -> np.ndarray:
+    argv = ["generate", "--model", str(model), "--control-image", str(condition), "--prompt", "a red circle"]
+    argv += ["--steps", "2", "-o", str(tmp_path / f"{name}.png")] + (["--controlnext", str(module)] if module else [])
+    assert main(argv) == 0
+    return np.asarray(PIL.Image.open(tmp_path / f"{name}.png"))
+
+
+def test_generate_takes_the_demo_model_by_name(tmp_path, shapes_condition):
+    from controlnext.shapes.demo import demo_assets
+
+    base, edges, mask = (demo_assets() / part for part in ("base", "edges", "mask"))
+    edges = _generate_demo(tmp_path, "edges", base, edges / "controlnext.safetensors", shapes_condition)
+    mask = _generate_demo(tmp_path, "mask", base, mask / "controlnext.safetensors", shapes_condition)
+    assert not np.array_equal(edges, mask)
+    np.testing.assert_array_equal(_generate_demo(tmp_path, "a", "demo", None, shapes_condition), edges)
+    np.testing.assert_array_equal(_generate_demo(tmp_path, "b", "demo:edges", None, shapes_condition), edges)
+    np.testing.assert_array_equal(_generate_demo(tmp_path, "c", "demo:mask", None, shapes_condition), mask)
+    np.testing.assert_array_equal(_generate_demo(tmp_path, "d", "demo", "demo:mask", shapes_condition), mask)
+
+
+def test_generate_without_a_module_names_the_option(tmp_path, condition, capsys):
+    argv = ["generate", "--model", "owner/model", "--control-image", str(condition), "--prompt", "x"]
+    assert main(argv) == 2
+    assert "--controlnext is required" in capsys.readouterr().err
+
+
+def test_eval_takes_the_demo_model_by_name(tmp_path, capsys):
+    import json
+
+    from controlnext.shapes.demo import demo_assets
+
+    root = demo_assets()
+    argv = ["eval", "--base", "demo", "--module", "demo:mask", "--condition", "mask", "--n", "1", "--steps", "1"]
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["base"] == str(root / "base")
+    assert result["module"] == str(root / "mask" / "controlnext.safetensors")
+
+
+def test_train_takes_the_demo_model_by_name(tmp_path, monkeypatch):
+    import controlnext.training as training
+    from controlnext.shapes.demo import demo_assets
+
+    seen = []
+    monkeypatch.setattr(training, "train", seen.append)
+    (tmp_path / "data").mkdir()
+    assert main(["train", "--model", "demo", "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path)]) == 0
+    (cfg,) = seen
+    assert cfg.pretrained_model == str(demo_assets() / "base")

@@ -26,8 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate images with a ControlNeXt module",
         description="Generate images from a base model (SD1.5 or SDXL, folder or hub id) and a ControlNeXt module.",
     )
-    p.add_argument("--model", required=True, help="base model folder or hub id (diffusers layout)")
-    p.add_argument("--controlnext", required=True, help="control module: save_pretrained folder, hub id or one file")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base model folder or hub id (diffusers layout), or the shipped 64 px model: demo, demo:edges, demo:mask",
+    )
+    p.add_argument(
+        "--controlnext",
+        default=None,
+        help="control module: save_pretrained folder, hub id, one file or demo:edges / demo:mask "
+        "(default with a demo --model: its module)",
+    )
     p.add_argument("--controlnext-variant", default=None, help="published variant, when a file's layout is ambiguous")
     p.add_argument("--unet-weights", default=None, help="trained UNet subset/deltas (.safetensors or .bin)")
     p.add_argument("--unet-weights-mode", default="auto", choices=["auto", "values", "deltas"])
@@ -53,9 +62,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _resolve_demo(args: argparse.Namespace) -> None:
+    """Replace demo model names by the shipped files; a demo --model brings its module unless one is given."""
+    from ..shapes.demo import demo_ref
+
+    if (ref := demo_ref(args.model)) is not None:
+        args.model = str(ref[0])
+        args.controlnext = args.controlnext or str(ref[1])
+    if args.controlnext is None:
+        raise UserError("--controlnext is required (a control module folder, file or hub id) unless --model is demo")
+    if (ref := demo_ref(args.controlnext)) is not None:
+        args.controlnext = str(ref[1])
+
+
 def _check(args: argparse.Namespace) -> None:
     from ..pipelines.common import MAX_CONTROL_SCALE, MAX_GUIDANCE_SCALE, check_number
 
+    _resolve_demo(args)
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if not 1 <= args.num_images <= MAX_IMAGES:
