@@ -301,3 +301,55 @@ def test_train_takes_the_demo_model_by_name(tmp_path, monkeypatch):
     assert main(["train", "--model", "demo", "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path)]) == 0
     (cfg,) = seen
     assert cfg.pretrained_model == str(demo_assets() / "base")
+
+
+@pytest.fixture()
+def three_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)  # torch's "own" count in these tests, distinct from 1 and from what --threads asks
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_generate_threads_default_to_one_on_the_demo_model_and_torchs_otherwise(
+    tiny_sd15_dir, tmp_path, condition, shapes_condition, monkeypatch, three_threads
+):
+    from controlnext.pipelines import StableDiffusionControlNeXtPipeline
+
+    seen, call = [], StableDiffusionControlNeXtPipeline.__call__
+
+    def record(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionControlNeXtPipeline, "__call__", record)
+    module = save_controlnext_file(tiny_controlnext("sd15-training"), tmp_path / "cn.safetensors")
+    out = tmp_path / "out.png"
+    assert main(_generate_args(tiny_sd15_dir, module, condition, out)) == 0
+    assert main(_generate_args(tiny_sd15_dir, module, condition, out, "--threads", "2")) == 0
+    assert main(_generate_args("demo", "demo:edges", shapes_condition, out)) == 0
+    assert main(_generate_args("demo", "demo:edges", shapes_condition, out, "--threads", "2")) == 0
+    assert seen == [3, 2, 1, 2]
+    assert torch.get_num_threads() == 3  # restored for an in-process caller
+
+
+def test_generate_refuses_zero_threads(tiny_sd15_dir, tmp_path, condition, capsys):
+    module = save_controlnext_file(tiny_controlnext("sd15-training"), tmp_path / "cn.safetensors")
+    assert main(_generate_args(tiny_sd15_dir, module, condition, tmp_path / "o.png", "--threads", "0")) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_web_threads_default_to_one_for_the_demo_models_and_torchs_otherwise(
+    tiny_sd15_dir, tmp_path, monkeypatch, three_threads
+):
+    pytest.importorskip("gradio")
+    import controlnext.web.app as web_app
+
+    seen = []
+    monkeypatch.setattr(web_app, "launch", lambda config, block=True: seen.append(torch.get_num_threads()))
+    web = ["web", "--outputs", str(tmp_path)]
+    assert main(web) == 0
+    assert main([*web, "--threads", "2"]) == 0
+    assert main([*web, "--model", str(tiny_sd15_dir)]) == 0
+    assert main([*web, "--model", str(tiny_sd15_dir), "--threads", "4"]) == 0
+    assert seen == [1, 2, 3, 4]

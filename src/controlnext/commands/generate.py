@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import UserError
+from . import add_threads_option, torch_threads
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -57,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="default: the model's own")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    add_threads_option(p, None)
     p.add_argument("--allow-pickle", action="store_true", help="allow unpickling non-tensor .bin files (trusted only)")
     p.add_argument("-o", "--output", default="controlnext.png", help="output image path (numbered for batches)")
     p.set_defaults(func=run)
@@ -115,12 +117,25 @@ def load_pipeline(model: str, device: str, dtype, controlnext: str, variant: str
     return pipe.to(device)
 
 
+def is_demo_base(model: str) -> bool:
+    """True when ``model`` is the shipped demo base folder (a model small enough that one CPU thread is fastest)."""
+    from ..shapes.demo import demo_assets
+
+    root = demo_assets()
+    return root is not None and Path(model).expanduser().resolve() == (root / "base").resolve()
+
+
 def run(args: argparse.Namespace) -> int:
+    _check(args)
+    threads = args.threads if args.threads is not None or not is_demo_base(args.model) else 1
+    with torch_threads(threads):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..conditioning import load_condition
-
-    _check(args)
     condition = load_condition(args.control_image)  # an unreadable or oversized file fails before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = DTYPES[args.dtype] if args.dtype else ("float16" if device.startswith("cuda") else "float32")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import UserError
+from . import add_threads_option, torch_threads
 
 
 def register(subparsers) -> None:
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="let page users type model paths even when the app is reachable from other machines",
     )
+    add_threads_option(p, None)
     p.add_argument("--no-demo", action="store_true", help="do not offer the demo/tiny models")
     p.add_argument("--video-model", default=None, help="SVD base folder or hub id for the video tab")
     p.add_argument("--video-controlnext", default=None, help="control module for --video-model (controlnet.bin)")
@@ -146,5 +148,7 @@ def run(args: argparse.Namespace) -> int:
     if not is_local_host(config.host):
         print(f"warning: serving on {config.host}: other machines can reach this app.")
     print(describe(config))
-    launch(config, block=True)
+    # Without --model the app serves only the demo models, which run fastest on one thread.
+    with torch_threads(args.threads if args.threads is not None or args.model else 1):
+        launch(config, block=True)
     return 0
