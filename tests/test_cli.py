@@ -353,3 +353,16 @@ def test_web_threads_default_to_one_for_the_demo_models_and_torchs_otherwise(
     assert main([*web, "--model", str(tiny_sd15_dir)]) == 0
     assert main([*web, "--model", str(tiny_sd15_dir), "--threads", "4"]) == 0
     assert seen == [1, 2, 3, 4]
+
+
+def test_web_without_gradio_names_the_extra_in_one_line():
+    code = (
+        "import sys\n"
+        "sys.modules['gradio'] = None  # as if it were not installed\n"
+        "from controlnext.cli import main\n"
+        "sys.exit(main(['web']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2
+    expected = 'controlnext web: error: the web app needs gradio: pip install "controlnext[web]"'
+    assert out.stderr.strip().splitlines() == [expected]

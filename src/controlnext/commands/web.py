@@ -60,12 +60,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _web_app():
+    """The :mod:`controlnext.web.app` module; without gradio, a one-line error naming the extra to install."""
+    try:
+        from ..web import app
+    except ImportError as err:
+        if (err.name or "").partition(".")[0] != "gradio":
+            raise
+        raise UserError('the web app needs gradio: pip install "controlnext[web]"') from None
+    return app
+
+
 def build_config(args: argparse.Namespace):
     """The :class:`~controlnext.web.app.WebConfig` for parsed ``controlnext web`` arguments."""
-    try:
-        from ..web.app import WebConfig
-    except ImportError as err:
-        raise UserError("the web app needs gradio: pip install 'controlnext[web]'") from err
+    WebConfig = _web_app().WebConfig
     from ..web.limits import Limits
     from ..web.models import ModelSpec, default_model, demo_models, validate_base_ref, validate_control_ref
 
@@ -142,13 +150,12 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..web.app import describe, is_local_host, launch
-
+    app = _web_app()
     config = build_config(args)
-    if not is_local_host(config.host):
+    if not app.is_local_host(config.host):
         print(f"warning: serving on {config.host}: other machines can reach this app.")
-    print(describe(config))
+    print(app.describe(config))
     # Without --model the app serves only the demo models, which run fastest on one thread.
     with torch_threads(args.threads if args.threads is not None or args.model else 1):
-        launch(config, block=True)
+        app.launch(config, block=True)
     return 0
