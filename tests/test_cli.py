@@ -177,9 +177,9 @@ def test_generate_unreadable_and_oversized_conditions_are_one_line_errors(tiny_s
     assert PIL.Image.open(tmp_path / "out.png").size == (64, 8)
 
 
-@pytest.mark.parametrize("size,expected", [((60, 60), (56, 56)), ((7, 5), (8, 8)), ((1, 1), (8, 8))])
-def test_generate_on_the_demo_model_rounds_the_condition_size_to_what_diffusers_takes(tmp_path, size, expected):
-    # The demo model's VAE factor is 4; the stock pipelines take only multiples of 8.
+@pytest.mark.parametrize("size,expected", [((60, 60), (64, 64)), ((7, 5), (64, 64)), ((1, 1), (64, 64))])
+def test_generate_on_the_demo_model_fits_any_condition_size_to_its_native_size(tmp_path, size, expected):
+    # The demo model's VAE factor is 4 and its native size 64 px; the stock pipelines take only multiples of 8.
     from controlnext.shapes.demo import demo_assets
 
     root = demo_assets()
@@ -366,3 +366,55 @@ def test_web_without_gradio_names_the_extra_in_one_line():
     assert out.returncode == 2
     expected = 'controlnext web: error: the web app needs gradio: pip install "controlnext[web]"'
     assert out.stderr.strip().splitlines() == [expected]
+
+
+def _stderr_warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "warning" in line.lower()]
+
+
+def test_generate_fits_a_large_condition_to_the_demo_models_native_size(tmp_path, capsys):
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(0)
+    big = PIL.Image.fromarray((rng.random((200, 256)) > 0.9).astype(np.uint8) * 255).convert("RGB")
+    big.save(tmp_path / "big.png")
+    references = {  # the condition fitted by PIL itself, at the native size: no fitting left to the CLI
+        "crop": ImageOps.fit(big, (64, 64), method=PIL.Image.Resampling.LANCZOS),
+        "pad": ImageOps.pad(big, (64, 64), method=PIL.Image.Resampling.LANCZOS, color=(0, 0, 0)),
+        "stretch": big.resize((64, 64), PIL.Image.Resampling.LANCZOS),
+    }
+    images = {}
+
+    def generate(condition, out, *flags):
+        return main([*_generate_args("demo", "demo:edges", condition, out, *flags), "--prompt", "a red star"])
+
+    for fit, reference in references.items():
+        reference.save(tmp_path / f"{fit}-64.png")
+        assert generate(tmp_path / f"{fit}-64.png", tmp_path / "ref.png") == 0
+        assert _stderr_warnings(capsys.readouterr().err) == []
+        flags = [] if fit == "crop" else ["--fit", fit]  # crop is the default, as in the web app
+        assert generate(tmp_path / "big.png", tmp_path / "out.png", *flags) == 0
+        (line,) = _stderr_warnings(capsys.readouterr().err)
+        assert "256x200" in line and "64x64" in line and f"--fit {fit}" in line
+        images[fit] = np.asarray(PIL.Image.open(tmp_path / "out.png"))
+        assert images[fit].shape == (64, 64, 3)
+        np.testing.assert_array_equal(images[fit], np.asarray(PIL.Image.open(tmp_path / "ref.png")))
+    assert not np.array_equal(images["crop"], images["pad"])
+    # --width/--height choose another size, without a warning
+    assert generate(tmp_path / "big.png", tmp_path / "wide.png", "--width", "96", "--height", "48") == 0
+    assert _stderr_warnings(capsys.readouterr().err) == []
+    assert PIL.Image.open(tmp_path / "wide.png").size == (96, 48)
+
+
+def test_generate_warns_once_about_words_the_demo_model_does_not_know(tmp_path, shapes_condition, capsys):
+    from controlnext.shapes.world import VOCABULARY
+
+    out = tmp_path / "out.png"
+    known = "a red circle on a white background"
+    assert set(known.split()) <= set(VOCABULARY)
+    assert main([*_generate_args("demo", "demo:edges", shapes_condition, out), "--prompt", known]) == 0
+    assert _stderr_warnings(capsys.readouterr().err) == []
+    prompt = "a photo of a red circle, highly detailed"
+    assert main([*_generate_args("demo", "demo:edges", shapes_condition, out), "--prompt", prompt]) == 0
+    (line,) = _stderr_warnings(capsys.readouterr().err)
+    assert "detailed, highly, of, photo" in line
