@@ -7,7 +7,6 @@ import contextlib
 import importlib
 import importlib.abc
 import importlib.util
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -55,12 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Read by transformers, diffusers and huggingface_hub when they are first imported.
-_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-
-
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs ``hook(module)`` once the module ``name`` has been imported (diffusers' loading bar has no env switch)."""
+    """Runs ``hook(module)`` once the module ``name`` has been imported (before anything can log through it)."""
 
     def __init__(self, name: str, hook: Callable) -> None:
         self.name, self.hook = name, hook
@@ -88,8 +83,6 @@ def quiet_libraries() -> Iterator[None]:
     They are advice to developers (a missing torchvision, a deprecated argument name) that a user can do nothing
     about; ``-v`` shows them. Everything is restored on exit, so calling :func:`main` in-process changes nothing.
     """
-    saved_env = {k: os.environ.get(k) for k in _QUIET_ENV}
-    os.environ.update({k: v for k, v in _QUIET_ENV.items() if saved_env[k] is None})
     restore: list[Callable[[], None]] = []
 
     def quiet(module) -> None:  # transformers.utils.logging or diffusers.utils.logging
@@ -115,9 +108,6 @@ def quiet_libraries() -> Iterator[None]:
                 sys.meta_path.remove(hook)
         for undo in reversed(restore):
             undo()
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
 
 
 def main(argv: list[str] | None = None) -> int:
