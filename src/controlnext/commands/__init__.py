@@ -1,14 +1,42 @@
 """One module per `controlnext` subcommand; each exposes `register(subparsers)`."""
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+THREADS_HELP = "torch CPU threads (default {}; the demo models are tiny, and extra threads only add overhead)"
+
+
+def add_threads_option(p, default: int | None) -> None:
+    """``--threads``: ``default`` None keeps torch's own count (the commands then use 1 for the demo model)."""
+    shown = default or "1 for the demo model, else torch's"
+    p.add_argument("--threads", type=int, default=default, help=THREADS_HELP.format(shown))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (None: leave torch's setting), restored afterwards."""
+    from ..cli import UserError
+
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise UserError(f"--threads must be at least 1, got {n}")
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
 
 def add_sampling_options(p) -> None:
     """Options shared by the commands that sample the small shipped models (`demo`, `eval`)."""
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: these models are tiny, and extra threads only add overhead)",
-    )
+    add_threads_option(p, 1)

@@ -7,7 +7,7 @@ import json
 import time
 
 from ..cli import UserError
-from . import add_sampling_options
+from . import add_sampling_options, torch_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,18 +33,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
-    import torch
-
     from ..shapes.demo import run_demo
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         res = run_demo(args.condition, args.output, n=args.n, steps=args.steps, guidance=args.guidance, start=t0)
-    finally:
-        torch.set_num_threads(previous)
     if res.model != "shipped":
         print(
             "WARNING: the shipped demo weights are not installed; using RANDOM untrained tiny models "

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "pairs are compared in one table. Without --base/--module the shipped demo model is evaluated."
         ),
     )
-    p.add_argument("--base", default=None, help="base model folder (diffusers SD layout); default: the shipped one")
+    p.add_argument(
+        "--base", default=None, help="base model folder (diffusers SD layout) or demo; default: the shipped one"
+    )
     p.add_argument(
         "--method",
         action="append",
@@ -44,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         help="control model (repeatable): a ControlNeXt file/folder, or a diffusers ControlNetModel / T2IAdapter "
-        "folder; default: the shipped ControlNeXt module",
+        "folder, or demo:edges / demo:mask; default: the shipped ControlNeXt module",
     )
     p.add_argument(
         "--unet-weights", default=None, help="trained UNet subset (values or deltas) that goes with the module"
@@ -123,9 +125,12 @@ def _settings(args: argparse.Namespace) -> tuple[int, float, int]:
 
 def _methods(args: argparse.Namespace, kind: str) -> tuple[str | None, list[tuple[str, str]]]:
     """(base folder or None for the shipped pipeline, [(method, module path)])."""
-    from ..shapes.demo import demo_assets
+    from ..shapes.demo import demo_assets, demo_ref
 
     methods, modules = args.method or ["controlnext"], args.module or []
+    modules = [str(ref[1]) if (ref := demo_ref(m)) else m for m in modules]
+    if args.base is not None and (ref := demo_ref(args.base)) is not None:
+        args.base = str(ref[0])
     assets = demo_assets()
     if not modules:
         if methods != ["controlnext"]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from pathlib import Path
 
 from ..cli import UserError
+from . import add_threads_option, torch_threads
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -18,6 +21,7 @@ SCHEDULERS = {
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16"}
 MAX_SIDE = 4096  # --height / --width
 MAX_IMAGES = 64  # --num-images
+FITS = ("crop", "pad", "stretch")  # as the web app offers them (controlnext.preprocess.fit_to_size)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +30,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate images with a ControlNeXt module",
         description="Generate images from a base model (SD1.5 or SDXL, folder or hub id) and a ControlNeXt module.",
     )
-    p.add_argument("--model", required=True, help="base model folder or hub id (diffusers layout)")
-    p.add_argument("--controlnext", required=True, help="control module: save_pretrained folder, hub id or one file")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base model folder or hub id (diffusers layout), or the shipped 64 px model: demo, demo:edges, demo:mask",
+    )
+    p.add_argument(
+        "--controlnext",
+        default=None,
+        help="control module: save_pretrained folder, hub id, one file or demo:edges / demo:mask "
+        "(default with a demo --model: its module)",
+    )
     p.add_argument("--controlnext-variant", default=None, help="published variant, when a file's layout is ambiguous")
     p.add_argument("--unet-weights", default=None, help="trained UNet subset/deltas (.safetensors or .bin)")
     p.add_argument("--unet-weights-mode", default="auto", choices=["auto", "values", "deltas"])
@@ -43,19 +56,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--control-end", type=float, default=1.0, help="fraction of the schedule where control ends")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--height", type=int, default=None, help="default: the condition's height")
-    p.add_argument("--width", type=int, default=None, help="default: the condition's width")
+    p.add_argument(
+        "--height", type=int, default=None, help="default: the demo model's native 64 px, else the condition's height"
+    )
+    p.add_argument(
+        "--width", type=int, default=None, help="default: the demo model's native 64 px, else the condition's width"
+    )
+    p.add_argument(
+        "--fit",
+        choices=FITS,
+        default="crop",
+        help="how a condition of another size is fitted to the output: crop (keep the aspect, cut the sides; "
+        "default), pad (keep the aspect, black bars) or stretch",
+    )
     p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="default: the model's own")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    add_threads_option(p, None)
     p.add_argument("--allow-pickle", action="store_true", help="allow unpickling non-tensor .bin files (trusted only)")
     p.add_argument("-o", "--output", default="controlnext.png", help="output image path (numbered for batches)")
     p.set_defaults(func=run)
 
 
+def _resolve_demo(args: argparse.Namespace) -> None:
+    """Replace demo model names by the shipped files; a demo --model brings its module unless one is given."""
+    from ..shapes.demo import demo_ref
+
+    if (ref := demo_ref(args.model)) is not None:
+        args.model = str(ref[0])
+        args.controlnext = args.controlnext or str(ref[1])
+    if args.controlnext is None:
+        raise UserError("--controlnext is required (a control module folder, file or hub id) unless --model is demo")
+    if (ref := demo_ref(args.controlnext)) is not None:
+        args.controlnext = str(ref[1])
+
+
 def _check(args: argparse.Namespace) -> None:
     from ..pipelines.common import MAX_CONTROL_SCALE, MAX_GUIDANCE_SCALE, check_number
 
+    _resolve_demo(args)
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if not 1 <= args.num_images <= MAX_IMAGES:
@@ -92,13 +131,67 @@ def load_pipeline(model: str, device: str, dtype, controlnext: str, variant: str
     return pipe.to(device)
 
 
+def is_demo_base(model: str) -> bool:
+    """True when ``model`` is the shipped demo base folder (a model small enough that one CPU thread is fastest)."""
+    from ..shapes.demo import demo_assets
+
+    root = demo_assets()
+    return root is not None and Path(model).expanduser().resolve() == (root / "base").resolve()
+
+
+def warn(message: str) -> None:
+    print(f"controlnext generate: warning: {message}", file=sys.stderr)
+
+
+def output_size(args: argparse.Namespace, condition_size: tuple[int, int], native: int | None):
+    """(width, height) to fit the condition to, or None to let the pipeline take the condition's size.
+
+    ``native`` is the side the model was trained at when it is known to matter (the demo model); the stock models
+    follow diffusers' ControlNet pipelines, which take the condition's size.
+    """
+    if args.width is None and args.height is None:
+        if native is None or condition_size == (native, native):
+            return None
+        w, h = condition_size
+        warn(
+            f"the condition is {w}x{h} but the model was trained at {native}x{native}: fitted to it (--fit "
+            f"{args.fit}); pass --width/--height for another size"
+        )
+        return native, native
+    if args.width is None or args.height is None:
+        return None  # one side given: the pipeline takes the other from the condition, as before
+    return None if (args.width, args.height) == condition_size else (args.width, args.height)
+
+
+def warn_unknown_words(prompt: str) -> None:
+    """The demo model knows only the words of its captions; others are ignored noise to it."""
+    from ..shapes.world import VOCABULARY
+
+    unknown = sorted({w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in VOCABULARY})
+    if unknown:
+        warn(
+            f"the demo model does not know the word(s) {', '.join(unknown)}; it was trained on captions like "
+            f"'a red circle on a white background' ({' '.join(VOCABULARY)})"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    _check(args)
+    threads = args.threads if args.threads is not None or not is_demo_base(args.model) else 1
+    with torch_threads(threads):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..conditioning import load_condition
+    from ..preprocess import fit_to_size, to_pil
 
-    _check(args)
     condition = load_condition(args.control_image)  # an unreadable or oversized file fails before the model loads
+    demo = is_demo_base(args.model)
+    if demo:
+        warn_unknown_words(args.prompt)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = DTYPES[args.dtype] if args.dtype else ("float16" if device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
@@ -114,6 +207,10 @@ def run(args: argparse.Namespace) -> int:
         import diffusers
 
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor if demo else None
+    size = output_size(args, (condition.shape[-1], condition.shape[-2]), native)
+    if size is not None:
+        condition = load_condition(fit_to_size(to_pil(args.control_image), *size, mode=args.fit))
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     try:
         images = pipe(

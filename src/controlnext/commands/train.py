@@ -24,8 +24,11 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
+    from ..shapes.demo import demo_ref
     from ..training import config_from_args, train
 
+    if (ref := demo_ref(args.pretrained_model)) is not None:  # the shipped base, to train a new module on
+        args.pretrained_model = str(ref[0])
     cfg = config_from_args(args)
     cfg.command = " ".join(["controlnext", *map(shlex.quote, sys.argv[1:])])
     train(cfg)

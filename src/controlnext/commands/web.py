@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import UserError
+from . import add_threads_option, torch_threads
 
 
 def register(subparsers) -> None:
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="let page users type model paths even when the app is reachable from other machines",
     )
+    add_threads_option(p, None)
     p.add_argument("--no-demo", action="store_true", help="do not offer the demo/tiny models")
     p.add_argument("--video-model", default=None, help="SVD base folder or hub id for the video tab")
     p.add_argument("--video-controlnext", default=None, help="control module for --video-model (controlnet.bin)")
@@ -58,12 +60,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _web_app():
+    """The :mod:`controlnext.web.app` module; without gradio, a one-line error naming the extra to install."""
+    try:
+        from ..web import app
+    except ImportError as err:
+        if (err.name or "").partition(".")[0] != "gradio":
+            raise
+        raise UserError('the web app needs gradio: pip install "controlnext[web]"') from None
+    return app
+
+
 def build_config(args: argparse.Namespace):
     """The :class:`~controlnext.web.app.WebConfig` for parsed ``controlnext web`` arguments."""
-    try:
-        from ..web.app import WebConfig
-    except ImportError as err:
-        raise UserError("the web app needs gradio: pip install 'controlnext[web]'") from err
+    WebConfig = _web_app().WebConfig
     from ..web.limits import Limits
     from ..web.models import ModelSpec, default_model, demo_models, validate_base_ref, validate_control_ref
 
@@ -140,11 +150,12 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..web.app import describe, is_local_host, launch
-
+    app = _web_app()
     config = build_config(args)
-    if not is_local_host(config.host):
+    if not app.is_local_host(config.host):
         print(f"warning: serving on {config.host}: other machines can reach this app.")
-    print(describe(config))
-    launch(config, block=True)
+    print(app.describe(config))
+    # Without --model the app serves only the demo models, which run fastest on one thread.
+    with torch_threads(args.threads if args.threads is not None or args.model else 1):
+        app.launch(config, block=True)
     return 0

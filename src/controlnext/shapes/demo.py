@@ -28,7 +28,17 @@ from PIL import Image
 from .metrics import CONDITION_KINDS, evaluate_pipeline, reconstruction_ceiling
 from .world import condition_image, render_sample
 
-__all__ = ["DEMO_SEED", "DemoResult", "demo_assets", "demo_cases", "load_demo_pipeline", "run_demo", "save_grid"]
+__all__ = [
+    "DEMO_NAMES",
+    "DEMO_SEED",
+    "DemoResult",
+    "demo_assets",
+    "demo_cases",
+    "demo_ref",
+    "load_demo_pipeline",
+    "run_demo",
+    "save_grid",
+]
 
 #: Shapes seed of the demo and test cases: disjoint from the training data (base: seed 0, modules: seed 1).
 DEMO_SEED = 1234
@@ -40,6 +50,25 @@ def demo_assets() -> Path | None:
     """Folder of the shipped demo model inside the package, or None when it is not installed."""
     root = Path(str(resources.files("controlnext") / "assets" / "demo"))
     return root if (root / "base" / "model_index.json").is_file() else None
+
+
+#: Names of the shipped model accepted wherever a base model or a control module is: the base with its edges module,
+#: the base with the edges or the mask module.
+DEMO_NAMES = ("demo", "demo:edges", "demo:mask")
+
+
+def demo_ref(name: str) -> tuple[Path, Path] | None:
+    """(base folder, control module file) of a :data:`DEMO_NAMES` name, or None for any other model name.
+
+    ``demo`` stands for ``demo:edges``. Raises FileNotFoundError for a demo name when the assets are not installed.
+    """
+    if str(name) not in DEMO_NAMES:
+        return None
+    root = demo_assets()
+    if root is None:
+        raise FileNotFoundError(f"{name}: the shipped demo model is not part of this installation (controlnext/assets)")
+    condition = str(name).partition(":")[2] or "edges"
+    return root / "base", root / condition / "controlnext.safetensors"
 
 
 def demo_cases(n: int, condition: str, seeds_per_prompt: int = 2, start: int = 0) -> tuple[list, list, list]:

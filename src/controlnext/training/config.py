@@ -73,8 +73,8 @@ class TrainConfig:
         "pretrained_model",
         "",
         flags=("--model", "--pretrained-model-name-or-path"),
-        help="Base model: a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a hub id "
-        "('owner/name').",
+        help="Base model: a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), a hub id "
+        "('owner/name') or demo (the shipped 64 px model).",
     )
     output_dir: str = shared("output_dir", "controlnext-model")
     family: str = option(
