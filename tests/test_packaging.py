@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata.util
+import importlib.metadata
+import importlib.util
 import subprocess
 import sys
 import tarfile
