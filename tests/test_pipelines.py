@@ -222,3 +222,30 @@ def test_model_cpu_offload_hooks_compose(components):
     assert hasattr(pipe.unet, "_hf_hook") and not hasattr(pipe.controlnext, "_hf_hook")
     assert np.array_equal(run(pipe), before)
     pipe.remove_all_hooks()
+
+
+def test_unet_weights_keep_base_restores_exactly_and_refuses_without(components, tmp_path):
+    from controlnext.loading import save_unet_weights
+
+    pipe = make(components, "sd15", module=tiny_controlnext("sd15-training"))
+    params = dict(pipe.unet.named_parameters())
+    names = [n for n in params if "to_out" in n]
+    base = {n: params[n].detach().clone() for n in names}
+    with torch.no_grad():
+        for n in names:
+            params[n].add_(0.5)
+    save_unet_weights(pipe.unet, tmp_path / "w.safetensors", names)  # values: base + 0.5
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(base[n])
+    assert pipe.load_unet_weights(tmp_path / "w.safetensors", mode="values", keep_base=True) == "values"
+    trained = {n: params[n].detach().clone() for n in names}
+    assert all(not torch.equal(trained[n], base[n]) for n in names)
+    with pipe.base_unet_weights():
+        assert all(torch.equal(params[n], base[n]) for n in names)
+    assert all(torch.equal(params[n], trained[n]) for n in names)
+    pipe.unload_unet_weights()
+    assert all(torch.equal(params[n], base[n]) for n in names)
+    pipe.load_unet_weights(tmp_path / "w.safetensors", mode="values")  # no base copy kept
+    with pytest.raises(ValueError, match="keep_base=True"), pipe.base_unet_weights():
+        pass

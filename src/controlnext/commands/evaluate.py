@@ -157,7 +157,7 @@ def _shipped(kind: str, unet_weights: str | None, device: str, dtype):
 
     pipe = load_demo_pipeline(kind, allow_random=False)[0]
     if unet_weights:
-        pipe.load_unet_weights(unet_weights)
+        pipe.load_unet_weights(unet_weights, keep_base=True)
     return pipe.to(device=device, dtype=dtype)
 
 

@@ -136,7 +136,7 @@ def load_method(
         pipe = StableDiffusionControlNeXtPipeline.from_pretrained(base, torch_dtype=dtype)
         pipe.load_controlnext(module)  # takes the backbone's device and dtype
         if unet_weights:
-            pipe.load_unet_weights(unet_weights)
+            pipe.load_unet_weights(unet_weights, keep_base=True)
         return pipe.to(device)
     if unet_weights:
         raise ValueError("--unet-weights goes with a ControlNeXt module only.")

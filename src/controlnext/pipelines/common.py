@@ -207,25 +207,34 @@ class ControlNeXtPipelineMixin:
         self.set_controlnext([*self.controlnext_modules, module])
         return module
 
-    def load_unet_weights(self, path: str | Path, mode: str = "auto", **kwargs: Any) -> str:
+    def load_unet_weights(self, path: str | Path, mode: str = "auto", keep_base: bool = False, **kwargs: Any) -> str:
         """Apply trained UNet weights (a subset as values or deltas, as the releases ship them); returns the mode.
 
-        The base values of the tensors it changes are kept (on the CPU), so :meth:`unload_unet_weights` and
-        :meth:`base_unet_weights` can bring the base model back exactly.
+        ``keep_base`` keeps a CPU copy of the base values of the tensors it changes, so that
+        :meth:`unload_unet_weights` and :meth:`base_unet_weights` can bring the base model back exactly (a full-UNet
+        file would double the memory, hence opt-in).
         """
         from ..loading import load_unet_weights
 
-        originals = self.__dict__.setdefault("_unet_originals", {})
-        return load_unet_weights(self.backbone, path, mode=mode, originals=originals, **kwargs)[0]
+        originals = self.__dict__.setdefault("_unet_originals", {}) if keep_base else None
+        mode, keys = load_unet_weights(self.backbone, path, mode=mode, originals=originals, **kwargs)
+        if not keep_base:
+            self.__dict__.setdefault("_unet_unkept", set()).update(keys)
+        return mode
 
     def unload_unet_weights(self) -> None:
-        """Put back the base values of every tensor changed by :meth:`load_unet_weights`."""
+        """Put back the base values of every tensor changed by :meth:`load_unet_weights` (with ``keep_base``)."""
         self._swap_unet_originals()
         self.__dict__.pop("_unet_originals", None)
 
     @contextmanager
     def base_unet_weights(self):
         """Within the block the backbone has its base weights (the ones before :meth:`load_unet_weights`)."""
+        if self.__dict__.get("_unet_unkept"):
+            raise ValueError(
+                "UNet weights were loaded without keep_base=True, so the base values are gone; load them with "
+                "load_unet_weights(..., keep_base=True) to compare against the base model."
+            )
         self._swap_unet_originals()
         try:
             yield self

@@ -121,7 +121,7 @@ def load_demo_pipeline(condition: str = "edges", allow_random: bool = True, root
     # The trained UNet subset ships next to the module, as the releases ship theirs (values or deltas).
     for name in (UNET_DELTAS_FILE, UNET_VALUES_FILE):
         if (root / condition / name).is_file():
-            pipe.load_unet_weights(root / condition / name)
+            pipe.load_unet_weights(root / condition / name, keep_base=True)
     return pipe, "shipped"
 
 
