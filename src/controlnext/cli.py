@@ -23,6 +23,8 @@ COMMANDS = {
     "bench": "bench",
     "video": "video",
     "web": "web",
+    "models": "models",
+    "download": "download",
 }
 
 

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from . import deprecated_alias
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_SIDE = 4096  # --size, per side (the largest output `generate` makes)
-
-
-class _Deprecated(argparse.Action):
-    """An old flag spelling: still accepted for now, with a note naming the new one."""
-
-    def __init__(self, option_strings, dest, new: str = "", **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.new = new
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 def _add_option(p: argparse.ArgumentParser, opt) -> None:
@@ -38,7 +27,7 @@ def _add_option(p: argparse.ArgumentParser, opt) -> None:
     metavar = "DIR" if opt.path else ("VALUE" if opt.choices else opt.type.__name__.upper())
     p.add_argument(opt.cli_flag, dest=opt.name, default=None, metavar=metavar, help="; ".join(bits))
     for alias in opt.aliases:
-        p.add_argument(alias, dest=opt.name, action=_Deprecated, new=opt.cli_flag, help=argparse.SUPPRESS)
+        deprecated_alias(p, alias, opt.cli_flag, dest=opt.name)
 
 
 def register(subparsers) -> None:

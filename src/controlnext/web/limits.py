@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 __all__ = ["Limits", "UploadError", "best_device", "load_upload", "user_error", "ALLOWED_IMAGE_SUFFIXES"]
 
@@ -23,6 +26,8 @@ class UploadError(ValueError):
 
 def user_error(err: Exception | str, title: str) -> gr.Error:
     """The in-page message for a refused input: one log line, no traceback (the input was wrong, not the server)."""
+    import gradio as gr  # imported here so that the PNG settings writer (web.generation) works without gradio
+
     logger.info("%s: %s", title, err)
     return gr.Error(str(err), title=title, print_exception=False)
 

@@ -1,0 +1,163 @@
+"""The model zoo: `controlnext models`, `controlnext download` and zoo names in `generate`, all offline.
+
+The hub is never contacted: huggingface_hub runs in offline mode on a cache folder the test fills itself (the
+layout hf_hub_download reads: ``models--OWNER--NAME/refs/main`` and ``snapshots/<commit>/<path>``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from controlnext.cli import main
+from controlnext.families import get_family
+from controlnext.loading import load_controlnext_file, save_controlnext_file
+from controlnext.models.controlnext import ControlNeXtModel
+from controlnext.models.variants import VARIANTS
+from controlnext.testing.models import tiny_controlnext
+from controlnext.zoo import ZOO
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache in offline mode; ``put(repo, path)`` returns where a cached file must be written."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def put(repo: str, filename: str) -> Path:
+        folder = cache / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(COMMIT)
+        path = folder / "snapshots" / COMMIT / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    return put
+
+
+@pytest.mark.parametrize("name", [n for n, e in ZOO.items() if e.variant])
+def test_each_entry_names_a_variant_its_family_loads_from_a_file_of_that_layout(tmp_path, name):
+    entry = ZOO[name]
+    family = get_family(entry.family)
+    assert entry.variant in VARIANTS and entry.variant in family.variants
+    # A file with the variant's keys and shapes and no metadata, as the releases ship them, in the entry's format:
+    # what the loader detects from it for the entry's base family must be the entry's variant.
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ControlNeXtModel.from_variant(entry.variant).state_dict().items()}
+    state = {k: torch.zeros(s) for k, s in shapes.items()}
+    path = tmp_path / Path(entry.module).name
+    save_file(state, str(path)) if path.suffix == ".safetensors" else torch.save(state, path)
+    assert load_controlnext_file(path, family=entry.family).config.variant == entry.variant
+    assert entry.unet_mode in ("values", "deltas") and entry.unet and entry.base_model
+
+
+def test_release_facts_the_table_records():
+    # From the release READMEs and scripts (see controlnext/zoo.py): the SDXL UNet files are weight increments.
+    assert ZOO["sdxl-depth"].repo == "Eugeoter/controlnext-sdxl-vidit-depth"
+    assert ZOO["sdxl-anime-canny"].files == ("controlnet.safetensors", "unet.safetensors")
+    assert {ZOO[n].unet_mode for n in ("sdxl-depth", "sdxl-anime-canny")} == {"deltas"}
+    assert ZOO["svd-v1"].files == ("ControlNeXt-SVD/finetune/controlnet.bin", "ControlNeXt-SVD/finetune/unet_fp16.bin")
+    assert ZOO["svd-v2"].files == ("ControlNeXt-SVD/v2/controlnet.bin", "ControlNeXt-SVD/v2/unet.bin")
+    assert ZOO["dwpose"].files == ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")
+
+
+def test_models_lists_every_entry_as_a_table_and_as_json(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["name", "family", "variant"]
+    assert {line.split()[0] for line in lines[1 : 1 + len(ZOO)]} == set(ZOO)
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(ZOO)
+    depth = next(r for r in rows if r["name"] == "sdxl-depth")
+    assert depth["files"] == ["controlnet.safetensors", "unet.safetensors"] and depth["scale"] == 1.0
+
+
+def test_download_offline_without_the_files_is_one_line(hub_cache, capsys):
+    assert main(["download", "sdxl-depth"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "HF_HUB_OFFLINE" in err[0] and "controlnext download sdxl-depth" in err[0] and "Traceback" not in err[0]
+    assert main(["download", "sdxl-nope"]) == 2
+    assert "unknown model 'sdxl-nope'" in capsys.readouterr().err
+
+
+def test_download_finds_cached_files(hub_cache, capsys):
+    entry = ZOO["dwpose"]
+    expected = []
+    for f in entry.files:
+        path = hub_cache(entry.repo, f)
+        path.write_bytes(b"onnx")
+        expected.append(str(path))
+    assert main(["download", "dwpose"]) == 0
+    assert capsys.readouterr().out.split() == expected
+
+
+@pytest.fixture()
+def condition(tmp_path):
+    arr = np.zeros((64, 64, 3), dtype=np.uint8)
+    arr[16:48, 16:48] = 255
+    path = tmp_path / "cond.png"
+    PIL.Image.fromarray(arr).save(path)
+    return path
+
+
+@pytest.fixture()
+def cached_sd15_mask(hub_cache, tmp_path):
+    """The sd15-mask entry's two files in the cache: a tiny module and a one-tensor UNet subset (values)."""
+    entry = ZOO["sd15-mask"]
+    module = save_controlnext_file(tiny_controlnext("sd15-training", seed=3), hub_cache(entry.repo, entry.module))
+    unet = hub_cache(entry.repo, entry.unet)
+    return module, unet
+
+
+def _record_calls(monkeypatch):
+    from controlnext.pipelines import StableDiffusionControlNeXtPipeline
+
+    calls, call = [], StableDiffusionControlNeXtPipeline.__call__
+
+    def record(self, *args, **kwargs):
+        calls.append(dict(kwargs, unet=self.unet.state_dict()["conv_out.bias"].clone()))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionControlNeXtPipeline, "__call__", record)
+    return calls
+
+
+def test_generate_takes_a_zoo_name_with_its_files_and_settings(
+    tiny_sd15_dir, cached_sd15_mask, condition, tmp_path, monkeypatch
+):
+    module, unet = cached_sd15_mask
+    save_file({"conv_out.bias": torch.full((4,), 0.25)}, str(unet))  # values, as the SD1.5 release's unet files
+    calls = _record_calls(monkeypatch)
+    argv = ["generate", "--model", str(tiny_sd15_dir), "--control-image", str(condition), "--prompt", "x"]
+    assert main([*argv, "--controlnext", "sd15-mask", "-o", str(tmp_path / "zoo.png")]) == 0
+    explicit = ["--controlnext", str(module), "--unet-weights", str(unet), "--unet-weights-mode", "values"]
+    assert main([*argv, *explicit, "--steps", "20", "--guidance", "7.5", "-o", str(tmp_path / "ref.png")]) == 0
+    zoo, ref = calls
+    assert (zoo["num_inference_steps"], zoo["guidance_scale"], zoo["controlnext_conditioning_scale"]) == (20, 7.5, 1.0)
+    assert torch.equal(zoo["unet"], torch.full((4,), 0.25))
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "zoo.png")),
+                                  np.asarray(PIL.Image.open(tmp_path / "ref.png")))  # fmt: skip
+    # flags given on the command line win over the entry's recommendations
+    assert main([*argv, "--controlnext", "sd15-mask", "--steps", "2", "--control-scale", "0.5", "-o",
+                 str(tmp_path / "o.png")]) == 0  # fmt: skip
+    assert (calls[-1]["num_inference_steps"], calls[-1]["controlnext_conditioning_scale"]) == (2, 0.5)
+
+
+def test_generate_with_a_zoo_name_not_downloaded_while_offline_is_one_line(hub_cache, condition, capsys):
+    argv = ["generate", "--controlnext", "sdxl-depth", "--control-image", str(condition), "--prompt", "x"]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "not in the hub cache" in line and "controlnext download sdxl-depth" in line
