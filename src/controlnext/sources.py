@@ -32,7 +32,7 @@ def is_local_path(spec: str) -> bool:
 def require_model_source(spec: str, label: str) -> None:
     """Raise FileNotFoundError unless ``spec`` is an existing path or could be a hub id ('owner/name').
 
-    ``label`` names the option (``--model``, ``--base``) in the one-line error.
+    ``label`` names the option (``--model``, ``--dataset``) in the one-line error.
     """
     if Path(spec).expanduser().exists():
         return

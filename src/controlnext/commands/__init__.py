@@ -13,24 +13,22 @@ THREADS_HELP = "torch CPU threads (default {}; the demo models are tiny, and ext
 class Deprecated(argparse.Action):
     """An old flag spelling: still accepted for a release, with one line naming the new one; hidden from --help."""
 
-    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+    def __init__(self, option_strings, dest, new: str = "", append: bool = False, **kwargs):
         super().__init__(option_strings, dest, **kwargs)
-        self.new = new
+        self.new, self.append = new, append
 
     def __call__(self, parser, namespace, values, option_string=None):
         print(f"note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
-        if isinstance(getattr(namespace, self.dest, None), list) and not isinstance(values, list):
-            values = [*getattr(namespace, self.dest), values]  # an alias of a repeatable option
-        elif self.nargs == 0:
-            values = self.const
+        if self.append:  # an old spelling of a repeatable option
+            values = [*(getattr(namespace, self.dest, None) or []), values]
         setattr(namespace, self.dest, values)
 
 
-def deprecated_alias(p, old: str, new: str, dest: str | None = None, **kwargs) -> None:
-    """Accept ``old`` as a hidden spelling of the option ``new`` (same ``dest``)."""
+def deprecated_alias(p, old: str, new: str, dest: str | None = None, append: bool = False, **kwargs) -> None:
+    """Accept ``old`` as a hidden spelling of the option ``new`` (same ``dest``; ``append`` for a repeatable one)."""
     dest = dest or new.lstrip("-").replace("-", "_")
-    p.add_argument(old, dest=dest, action=Deprecated, new=new, help=argparse.SUPPRESS, default=argparse.SUPPRESS,
-                   **kwargs)  # fmt: skip
+    p.add_argument(old, dest=dest, action=Deprecated, new=new, append=append, help=argparse.SUPPRESS,
+                   default=argparse.SUPPRESS, **kwargs)  # fmt: skip
 
 
 def add_threads_option(p, default: int | None) -> None:

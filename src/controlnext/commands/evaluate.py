@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..cli import UserError
 from ..sources import require_model_source
-from . import add_sampling_options
+from . import add_sampling_options, deprecated_alias
 from .generate import DTYPES
 
 _METHODS = ("controlnext", "controlnet", "t2i-adapter")  # = evaluation.METHODS, kept here so --help stays light
@@ -27,27 +27,34 @@ def register(sub: argparse._SubParsersAction) -> None:
             "with a pixel tolerance (edges) or mask IoU (mask), 0..1. On a MultiGen-20M-style split (imagefolder "
             "with metadata.jsonl, or parquet, with image, condition and caption columns) the ControlNet++ metrics: "
             "Canny F1, HED MS-SSIM, depth RMSE, ADE20K mIoU, CLIP score, FID; each annotator model is a local path, "
-            "and a metric whose model is not given is skipped (and reported as skipped). Several --method/--module "
-            "pairs are compared in one table. Without --base/--module the shipped demo model is evaluated."
+            "and a metric whose model is not given is skipped (and reported as skipped). Several "
+            "--method/--controlnext pairs are compared in one table. Without --model/--controlnext the shipped demo "
+            "model is evaluated."
         ),
     )
     p.add_argument(
-        "--base", default=None, help="base model folder (diffusers SD layout) or demo; default: the shipped one"
+        "--model",
+        dest="base",
+        default=None,
+        help="base model folder (diffusers SD layout) or demo; default: the shipped one",
     )
+    deprecated_alias(p, "--base", "--model", dest="base")
     p.add_argument(
         "--method",
         action="append",
         choices=_METHODS,
         default=None,
-        help="control method of the --module at the same position (repeatable; default controlnext)",
+        help="control method of the --controlnext at the same position (repeatable; default controlnext)",
     )
     p.add_argument(
-        "--module",
+        "--controlnext",
+        dest="module",
         action="append",
         default=None,
         help="control model (repeatable): a ControlNeXt file/folder, or a diffusers ControlNetModel / T2IAdapter "
         "folder, or demo:edges / demo:mask; default: the shipped ControlNeXt module",
     )
+    deprecated_alias(p, "--module", "--controlnext", dest="module", append=True)
     p.add_argument(
         "--unet-weights", default=None, help="trained UNet subset (values or deltas) that goes with the module"
     )
@@ -100,7 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inception", default=None, help="local TorchScript Inception file (for fid)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--scale", type=float, default=1.0, help="control scale for the 'with control' run (default 1)")
+    p.add_argument("--control-scale", dest="scale", type=float, default=1.0,
+                   help="control scale for the 'with control' run (default 1)")  # fmt: skip
+    deprecated_alias(p, "--scale", "--control-scale", dest="scale", type=float)
     p.add_argument("--tolerance", type=float, default=2.0, help="edge matching tolerance in pixels (default 2)")
     p.add_argument(
         "--output", "-o", type=Path, default=None, help="also write a grid PNG, a markdown table and a JSON here"
@@ -134,21 +143,21 @@ def _methods(args: argparse.Namespace, kind: str) -> tuple[str | None, list[tupl
     assets = demo_assets()
     if not modules:
         if methods != ["controlnext"]:
-            raise UserError(f"--method {' '.join(methods)} needs a --module for each method (in the same order)")
+            raise UserError(f"--method {' '.join(methods)} needs a --controlnext for each method (in the same order)")
         if assets is None:
-            raise UserError("the shipped demo model is not installed: pass --base and --module")
+            raise UserError("the shipped demo model is not installed: pass --model and --controlnext")
         modules = [str(assets / kind / "controlnext.safetensors")]
     if len(methods) == 1 and len(modules) > 1:
         methods = methods * len(modules)
     if len(methods) != len(modules):
-        raise UserError(f"got {len(methods)} --method for {len(modules)} --module: give one method per module")
+        raise UserError(f"got {len(methods)} --method for {len(modules)} --controlnext: give one method per module")
     if args.unet_weights and "controlnext" not in methods:
         raise UserError("--unet-weights goes with a ControlNeXt module; none of the methods is controlnext")
     if args.base is not None:
-        require_model_source(args.base, "--base")
+        require_model_source(args.base, "--model")
     base = args.base or (str(assets / "base") if assets else None)
     if base is None:
-        raise UserError("the shipped demo model is not installed: pass --base")
+        raise UserError("the shipped demo model is not installed: pass --model")
     return base, list(zip(methods, modules))
 
 
@@ -168,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.scale <= 0:
-        raise UserError(f"--scale must be above 0 (0 is the 'without control' run), got {args.scale}")
+        raise UserError(f"--control-scale must be above 0 (0 is the 'without control' run), got {args.scale}")
     import numpy as np
     import torch
 

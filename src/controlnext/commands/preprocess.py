@@ -13,9 +13,10 @@ MAX_SIDE = 4096  # --size, per side (the largest output `generate` makes)
 
 def _add_option(p: argparse.ArgumentParser, opt) -> None:
     """One command-line flag generated from a registry option (values are checked by the registry, not argparse)."""
-    if opt.type is bool:
-        p.add_argument(opt.cli_flag, dest=opt.name, action="store_false" if opt.default else "store_true",
-                       default=None, help=f"turn off: {opt.help}" if opt.default else opt.help)  # fmt: skip
+    if opt.type is bool:  # --name and --no-name, whichever the default
+        flag = opt.flag or f"--{opt.name.replace('_', '-')}"
+        p.add_argument(flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None,
+                       help=f"{opt.help} (default: {'on' if opt.default else 'off'})")  # fmt: skip
         return
     bits = [opt.help]
     if opt.choices:

@@ -31,12 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     io.add_argument("--output-fps", type=float, default=None, help="default: the pose/driving video's rate")
 
     model = p.add_argument_group("models")
-    model.add_argument("--model", required=True, help="base SVD pipeline folder or hub id (img2vid-xt layout)")
-    model.add_argument("--controlnext", required=True, help="control module: released controlnet.bin, file or folder")
+    model.add_argument("--model", default=None, help="base SVD pipeline folder or hub id (img2vid-xt layout; "
+                       "default: the base model of a zoo --controlnext)")  # fmt: skip
+    model.add_argument("--controlnext", required=True, help="control module: released controlnet.bin, file or "
+                       "folder, or a zoo name (svd-v1, svd-v2: its files and recommended settings)")  # fmt: skip
     model.add_argument("--controlnext-variant", default=None, choices=["svd-v2", "svd"], help="default: detected")
     model.add_argument("--unet-weights", default=None, help="the released unet.bin (full SVD UNet) or a subset/deltas")
     model.add_argument("--allow-pickle", action="store_true", help="unpickle non-tensor .bin files (trusted only)")
-    model.add_argument("--dwpose-dir", default=None, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx")
+    model.add_argument("--dwpose-dir", default=None, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx, or "
+                       "dwpose (the zoo entry's cached files)")  # fmt: skip
 
     pose = p.add_argument_group("poses")
     pose.add_argument("--sample-stride", type=int, default=2, help="use every n-th frame of the pose/driving video")
@@ -49,10 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen = p.add_argument_group("generation")
     gen.add_argument("--width", type=int, default=576)
     gen.add_argument("--height", type=int, default=1024)
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--guidance", type=float, default=None, help="sets both --min-guidance and --max-guidance")
-    gen.add_argument("--min-guidance", type=float, default=2.0)
-    gen.add_argument("--max-guidance", type=float, default=2.0)
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the zoo entry's, else 25)")
+    gen.add_argument("--guidance", type=float, default=None, help="sets both --min-guidance and --max-guidance "
+                     "(default: the zoo entry's)")  # fmt: skip
+    gen.add_argument("--min-guidance", type=float, default=None, help="default 2")
+    gen.add_argument("--max-guidance", type=float, default=None, help="default 2")
     gen.add_argument("--frames-per-batch", type=int, default=14, help="window length")
     gen.add_argument("--overlap", type=int, default=4, help="frames shared by consecutive windows")
     gen.add_argument("--decode-chunk-size", type=int, default=2, help="frames per VAE decode call")
@@ -66,6 +70,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (less GPU memory)")
     p.set_defaults(func=run)
+
+
+def _resolve_zoo(args: argparse.Namespace) -> None:
+    """A zoo --controlnext brings its files, base model and settings where not given; --dwpose-dir dwpose its files."""
+    from ..zoo import get_entry, resolve
+
+    entry = get_entry(args.controlnext)
+    if entry is not None:
+        if entry.family != "svd":
+            raise UserError(f"{entry.name} is not a video model: use `controlnext generate --controlnext {entry.name}`")
+        _, module, unet = resolve(entry.name)
+        args.controlnext = str(module)
+        args.unet_weights = args.unet_weights or (str(unet) if unet else None)
+        args.controlnext_variant = args.controlnext_variant or entry.variant
+        args.model = args.model or entry.base_model
+        args.steps = args.steps or entry.steps
+        if args.guidance is None and args.min_guidance is None and args.max_guidance is None:
+            args.guidance = entry.guidance
+    if args.model is None:
+        raise UserError("--model is required (an SVD folder or hub id) unless --controlnext is a zoo name")
+    if args.dwpose_dir == "dwpose" and not Path("dwpose").is_dir():  # both files sit in one snapshot folder
+        from ..zoo import download
+
+        args.dwpose_dir = str(download("dwpose")[0].parent)
+    args.steps = args.steps or 25
+    if args.guidance is not None:
+        args.min_guidance = args.max_guidance = args.guidance
+    args.min_guidance = 2.0 if args.min_guidance is None else args.min_guidance
+    args.max_guidance = 2.0 if args.max_guidance is None else args.max_guidance
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -136,8 +169,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipelines.svd import StableVideoDiffusionControlNeXtPipeline
     from ..video_io import resize_and_center_crop
 
-    if args.guidance is not None:
-        args.min_guidance = args.max_guidance = args.guidance
+    _resolve_zoo(args)
     _check(args)
     if args.driving_video and args.dwpose_dir is None:
         from ..pose import find_dwpose_files

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import UserError
-from . import add_threads_option, torch_threads
+from . import add_threads_option, deprecated_alias, torch_threads
 
 
 def register(subparsers) -> None:
@@ -25,10 +25,16 @@ def register(subparsers) -> None:
         "--controlnext", action="append", default=[], help="control module for the --model at the same position"
     )
     p.add_argument("--lora", default=None, help="LoRA file or folder applied to the given --model(s)")
-    p.add_argument("--lora-weight", type=float, default=1.0)
+    p.add_argument("--lora-scale", dest="lora_weight", type=float, default=1.0,
+                   help="strength of the LoRA (default 1)")  # fmt: skip
+    deprecated_alias(p, "--lora-weight", "--lora-scale", dest="lora_weight", type=float)
     p.add_argument("--size", default=None, metavar="WxH", help="default output size for the given --model(s)")
-    p.add_argument("--outputs", default="controlnext-outputs", help="results folder (default ./controlnext-outputs)")
-    p.add_argument("--pose-models", default=None, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx (DWPose)")
+    p.add_argument("--output-dir", dest="outputs", default="controlnext-outputs",
+                   help="results folder (default ./controlnext-outputs)")  # fmt: skip
+    deprecated_alias(p, "--outputs", "--output-dir", dest="outputs")
+    p.add_argument("--dwpose-dir", dest="pose_models", default=None,
+                   help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx (DWPose)")  # fmt: skip
+    deprecated_alias(p, "--pose-models", "--dwpose-dir", dest="pose_models")
     p.add_argument("--depth-model", default=None, help="local transformers depth-estimation model folder")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="upload size limit (default 20)")
     p.add_argument(
@@ -71,6 +77,40 @@ def _web_app():
     return app
 
 
+def _demo_spec(model: str, control: str | None):
+    """The shipped demo's preset for a demo --model name (its module, or the demo module named by ``control``)."""
+    from dataclasses import replace
+
+    from ..shapes.demo import demo_ref
+    from ..web.models import demo_models, validate_control_ref
+
+    if demo_ref(model) is None:
+        return None
+    kind = (control if control is not None and demo_ref(control) is not None else model).partition(":")[2] or "edges"
+    spec = next(d for d in demo_models() if d.label.endswith(f"({kind})"))
+    if control is None or demo_ref(control) is not None:
+        return spec
+    # another module on the demo base: the demo's UNet deltas belong to its own module only
+    return replace(spec, label=f"shapes demo + {Path(control).name}", controlnext=validate_control_ref(control),
+                   unet_weights=None)  # fmt: skip
+
+
+def _zoo_module(control: str | None) -> tuple[str | None, dict]:
+    """A zoo --controlnext: its cached module file and the preset settings it brings (steps, guidance, UNet)."""
+    from ..zoo import get_entry, resolve
+
+    if control is None or get_entry(control) is None:
+        return control, {}
+    entry, module, unet = resolve(control)
+    preset = {k: v for k, v in (("steps", entry.steps), ("guidance", entry.guidance)) if v is not None}
+    if unet is not None and entry.unet_mode == "values":
+        preset["unet_weights"] = str(unet)
+    elif unet is not None:
+        print(f"note: the web app applies UNet files as values; the {entry.unet_mode} of {entry.name} are left out "
+              f"(`controlnext generate --controlnext {entry.name}` applies them)")  # fmt: skip
+    return str(module), preset
+
+
 def build_config(args: argparse.Namespace):
     """The :class:`~controlnext.web.app.WebConfig` for parsed ``controlnext web`` arguments."""
     WebConfig = _web_app().WebConfig
@@ -88,7 +128,11 @@ def build_config(args: argparse.Namespace):
     specs = []
     for i, model in enumerate(args.model):
         control = args.controlnext[i] if i < len(args.controlnext) else None
+        if (demo := _demo_spec(model, control)) is not None:
+            specs.append(demo)
+            continue
         base = validate_base_ref(model)
+        control, zoo = _zoo_module(control)
         control = validate_control_ref(control)
         specs.append(
             ModelSpec(
@@ -99,10 +143,11 @@ def build_config(args: argparse.Namespace):
                 height=height,
                 lora=args.lora,
                 lora_weight=args.lora_weight,
+                **zoo,
             )
         )
     if not args.no_demo:
-        specs += demo_models() or [default_model()]
+        specs += [d for d in demo_models() or [default_model()] if d not in specs]
     if not specs:
         raise UserError("--no-demo needs at least one --model")
     overrides = {"max_side": args.max_side, "max_seconds": args.max_seconds}

@@ -301,7 +301,7 @@ def build_video_tab(
     else:
         note = (
             f"Animate a reference image with a pose video. Model: **{spec.label}**. The pose video holds drawn "
-            "poses (white-on-black skeletons), or shows a person whose poses DWPose extracts (needs `--pose-models`)."
+            "poses (white-on-black skeletons), or shows a person whose poses DWPose extracts (needs `--dwpose-dir`)."
         )
     gr.Markdown(note, elem_id="cnx-video-note")
     with gr.Row(visible=not tab.missing):
