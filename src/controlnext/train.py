@@ -5,6 +5,7 @@ Same options as ``controlnext train``; every process of a distributed launch run
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -14,7 +15,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = parse_train_args(argv)
     try:
+        if cfg.push_to_hub:
+            from .hub import check_push, push_outputs
+
+            check_push(cfg.output_dir, cfg.hub_model_id)
         train(cfg)
+        if cfg.push_to_hub and os.environ.get("RANK", "0") == "0":  # the main process of a launch uploads
+            print(f"uploaded to {push_outputs(cfg.output_dir, cfg.hub_model_id)}")
     except (ValueError, FileNotFoundError) as err:
         print(f"controlnext.train: error: {err}", file=sys.stderr)
         return 2

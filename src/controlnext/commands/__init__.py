@@ -22,6 +22,12 @@ class Deprecated(argparse.Action):
         if self.append:  # an old spelling of a repeatable option
             values = [*(getattr(namespace, self.dest, None) or []), values]
         setattr(namespace, self.dest, values)
+        setattr(namespace, f"spelling:{self.dest}", option_string)  # errors name the flag as typed (spelled_as)
+
+
+def spelled_as(args: argparse.Namespace, dest: str, flag: str) -> str:
+    """The spelling of an option the user typed: ``flag``, or the old spelling it came as."""
+    return getattr(args, f"spelling:{dest}", flag)
 
 
 def deprecated_alias(p, old: str, new: str, dest: str | None = None, append: bool = False, **kwargs) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..cli import UserError
 from ..sources import require_model_source
-from . import add_sampling_options, deprecated_alias
+from . import add_sampling_options, deprecated_alias, spelled_as
 from .generate import DTYPES
 
 _METHODS = ("controlnext", "controlnet", "t2i-adapter")  # = evaluation.METHODS, kept here so --help stays light
@@ -154,7 +154,7 @@ def _methods(args: argparse.Namespace, kind: str) -> tuple[str | None, list[tupl
     if args.unet_weights and "controlnext" not in methods:
         raise UserError("--unet-weights goes with a ControlNeXt module; none of the methods is controlnext")
     if args.base is not None:
-        require_model_source(args.base, "--model")
+        require_model_source(args.base, spelled_as(args, "base", "--model"))
     base = args.base or (str(assets / "base") if assets else None)
     if base is None:
         raise UserError("the shipped demo model is not installed: pass --model")

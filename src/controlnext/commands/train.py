@@ -31,5 +31,11 @@ def run(args: argparse.Namespace) -> int:
         args.pretrained_model = str(ref[0])
     cfg = config_from_args(args)
     cfg.command = " ".join(["controlnext", *map(shlex.quote, sys.argv[1:])])
+    if cfg.push_to_hub:
+        from ..hub import check_push, push_outputs
+
+        check_push(cfg.output_dir, cfg.hub_model_id)  # before training: an upload that cannot work fails now
     train(cfg)
+    if cfg.push_to_hub:
+        print(f"uploaded to {push_outputs(cfg.output_dir, cfg.hub_model_id)}")
     return 0

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attention import set_attention_backend
 from ..families import get_family
 from ..inject import injection_channels
 from ..models.controlnext import ControlNeXtModel
@@ -286,6 +287,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         controlnext.enable_gradient_checkpointing()
+    if cfg.attention_backend != "sdpa":  # sdpa: as diffusers loaded it
+        set_attention_backend(unet, cfg.attention_backend)
     unet.train()
     controlnext.train()
 
