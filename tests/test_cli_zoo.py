@@ -161,3 +161,58 @@ def test_generate_with_a_zoo_name_not_downloaded_while_offline_is_one_line(hub_c
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "not in the hub cache" in line and "controlnext download sdxl-depth" in line
+
+
+def test_a_cached_release_unet_file_is_read_in_the_zoos_mode(hub_cache, tmp_path):
+    from controlnext.loading import unet_weights_mode
+
+    # The SDXL releases name their deltas unet.safetensors: the file name alone would say "values".
+    sdxl = hub_cache(ZOO["sdxl-depth"].repo, "unet.safetensors")
+    sd15 = hub_cache(ZOO["sd15-depth"].repo, ZOO["sd15-depth"].unet)
+    assert (unet_weights_mode(sdxl, {}), unet_weights_mode(sd15, {})) == ("deltas", "values")
+    assert unet_weights_mode(tmp_path / "unet.safetensors", {}) == "values"
+    assert unet_weights_mode(sdxl, {"controlnext_unet_weights": "values"}) == "values"  # metadata first
+
+
+def test_eval_takes_a_zoo_name(hub_cache, capsys):
+    import shutil
+
+    from safetensors import safe_open
+
+    from controlnext.shapes.demo import demo_assets
+
+    root, entry = demo_assets(), ZOO["sd15-mask"]
+    module = hub_cache(entry.repo, entry.module)
+    shutil.copy(root / "mask" / "controlnext.safetensors", module)
+    with safe_open(str(root / "base" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        bias = f.get_tensor("conv_out.bias")
+    save_file({"conv_out.bias": bias}, str(hub_cache(entry.repo, entry.unet)))  # values: the base's own
+    argv = ["eval", "--model", "demo", "--controlnext", "sd15-mask", "--condition", "mask", "--n", "1", "--steps", "1"]
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["module"] == str(module)
+
+
+def test_a_zoo_name_whose_base_model_is_not_cached_offline_is_one_line(hub_cache, condition, capsys):
+    entry = ZOO["sdxl-depth"]
+    for f in entry.files:  # the module's files are there; the base model they default to is not
+        hub_cache(entry.repo, f).write_bytes(b"not read: the base model is looked up first")
+    argv = ["generate", "--controlnext", "sdxl-depth", "--control-image", str(condition), "--prompt", "x"]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "the base model stabilityai/stable-diffusion-xl-base-1.0 is not in the hub cache" in line
+    assert "hf download stabilityai/stable-diffusion-xl-base-1.0" in line
+
+
+def test_python_m_controlnext_cli_errors_are_one_line(condition):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "controlnext.cli", "generate", "--model", "owner/model", "--control-image",
+           str(condition), "--prompt", "x"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "controlnext generate: error: --controlnext is required (a control module folder, file, hub id or zoo name) "
+        "unless --model is demo"
+    ]

@@ -126,4 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m controlnext.cli`: run the imported module's main, whose UserError is the one the commands raise
+    from controlnext.cli import main as _main
+
+    sys.exit(_main())

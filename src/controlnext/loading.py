@@ -237,9 +237,13 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def unet_weights_mode(path: str | Path, meta: dict[str, str]) -> str:
-    """'deltas' or 'values' for a UNet weights file: metadata first, else the published file names."""
+    """'deltas' or 'values' for a UNet weights file: metadata, else the model zoo's entry, else the file name."""
     if meta.get("controlnext_unet_weights") in ("values", "deltas"):
         return meta["controlnext_unet_weights"]
+    from .zoo import unet_mode_of
+
+    if (published := unet_mode_of(path)) is not None:  # a release file in the hub cache: the table knows
+        return published
     name = Path(path).name.lower()
     return "deltas" if ("increase" in name or "delta" in name) else "values"
 

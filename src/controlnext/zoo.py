@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ZOO", "ZooEntry", "ZooError", "cache_dir", "download", "get_entry", "resolve"]
+__all__ = ["ZOO", "ZooEntry", "ZooError", "cache_dir", "download", "get_entry", "resolve", "unet_mode_of"]
 
 _CODE_LICENSE = "Apache-2.0 (code repo; hub card not checked)"
 
@@ -152,10 +152,10 @@ def _fetch(entry: ZooEntry, filename: str, local_only: bool) -> Path:
         # hf_hub_download raises LocalEntryNotFoundError for "offline and not cached" and for "no connection".
         offline = _offline() or local_only or isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled))
         if offline:
-            why = "HF_HUB_OFFLINE is set" if _offline() else "the hub cannot be reached"
+            why = "HF_HUB_OFFLINE is set (unset it to download)" if _offline() else "the hub cannot be reached"
             raise ZooError(
                 f"{entry.name}: {filename} from {entry.repo} is not in the hub cache and {why}; run "
-                f"`controlnext download {entry.name}` on a machine with network (same HF_HOME), or give a local file."
+                f"`controlnext download {entry.name}` with network access (same HF_HOME), or give a local file."
             ) from None
         raise ZooError(f"{entry.name}: could not fetch {filename} from {entry.repo}: {err}") from None
 
@@ -181,6 +181,19 @@ def _require(name: str) -> ZooEntry:
     if entry is None:
         raise ZooError(f"unknown model {name!r}; known: {', '.join(ZOO)} (see `controlnext models`)")
     return entry
+
+
+def unet_mode_of(path: str | Path) -> str | None:
+    """``values``/``deltas`` when ``path`` is a zoo entry's UNet file in the hub cache (its name does not say: the
+    SDXL releases call their deltas ``unet.safetensors``), else None."""
+    parts = Path(path).parts
+    for entry in ZOO.values():
+        folder = f"models--{entry.repo.replace('/', '--')}"
+        if entry.unet and folder in parts:
+            rest = parts[parts.index(folder) + 3 :]  # after snapshots/<commit>/
+            if "/".join(rest) == entry.unet:
+                return entry.unet_mode
+    return None
 
 
 def cache_dir() -> str:

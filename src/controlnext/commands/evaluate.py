@@ -51,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="module",
         action="append",
         default=None,
-        help="control model (repeatable): a ControlNeXt file/folder, or a diffusers ControlNetModel / T2IAdapter "
-        "folder, or demo:edges / demo:mask; default: the shipped ControlNeXt module",
+        help="control model (repeatable): a ControlNeXt file/folder or zoo name (`controlnext models`), a diffusers "
+        "ControlNetModel / T2IAdapter folder, or demo:edges / demo:mask; default: the shipped ControlNeXt module",
     )
     deprecated_alias(p, "--module", "--controlnext", dest="module", append=True)
     p.add_argument(
@@ -132,12 +132,23 @@ def _settings(args: argparse.Namespace) -> tuple[int, float, int]:
     return steps, guidance, per
 
 
+def _zoo_module(args: argparse.Namespace, name: str) -> str:
+    """A zoo name's cached module file (its UNet file becomes --unet-weights unless one is given); else ``name``."""
+    from ..zoo import get_entry, resolve
+
+    if get_entry(name) is None:
+        return name
+    _, module, unet = resolve(name)
+    args.unet_weights = args.unet_weights or (str(unet) if unet else None)
+    return str(module)
+
+
 def _methods(args: argparse.Namespace, kind: str) -> tuple[str | None, list[tuple[str, str]]]:
     """(base folder or None for the shipped pipeline, [(method, module path)])."""
     from ..shapes.demo import demo_assets, demo_ref
 
     methods, modules = args.method or ["controlnext"], args.module or []
-    modules = [str(ref[1]) if (ref := demo_ref(m)) else m for m in modules]
+    modules = [str(ref[1]) if (ref := demo_ref(m)) else _zoo_module(args, m) for m in modules]
     if args.base is not None and (ref := demo_ref(args.base)) is not None:
         args.base = str(ref[0])
     assets = demo_assets()

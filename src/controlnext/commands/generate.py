@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "models`) or demo:edges / demo:mask (default with a demo --model: its module)",
     )
     models.add_argument("--controlnext-variant", default=None, help="published variant, when a file's layout is "
-                        "ambiguous (default: detected, or the zoo entry's)")  # fmt: skip
+                        "ambiguous (default: detected from the file and the base model)")  # fmt: skip
     models.add_argument("--unet-weights", default=None, help="trained UNet subset/deltas (.safetensors or .bin; "
                         "default: the zoo entry's)")  # fmt: skip
     _opt(models, "--unet-weights-mode", choices=["auto", "values", "deltas"], help="how --unet-weights apply")
@@ -290,6 +290,13 @@ def load_pipeline(model: str, device: str, dtype, controlnext, variant: str | No
     try:
         family = detect_family(model)
     except ValueError as err:
+        from huggingface_hub import constants
+
+        from ..sources import HUB_ID
+
+        if constants.HF_HUB_OFFLINE and HUB_ID.match(str(model)) and not Path(model).exists():
+            raise UserError(f"the base model {model} is not in the hub cache and HF_HUB_OFFLINE is set: fetch it "
+                            f"with `hf download {model}` where there is network, or give a local folder") from None
         raise UserError(str(err)) from err
     try:
         pipe = family.pipeline_class(task).from_pretrained(model, torch_dtype=dtype, **family.pipeline_kwargs)

@@ -103,11 +103,8 @@ def _zoo_module(control: str | None) -> tuple[str | None, dict]:
         return control, {}
     entry, module, unet = resolve(control)
     preset = {k: v for k, v in (("steps", entry.steps), ("guidance", entry.guidance)) if v is not None}
-    if unet is not None and entry.unet_mode == "values":
+    if unet is not None:  # applied as values or deltas, as the zoo says (loading.unet_weights_mode)
         preset["unet_weights"] = str(unet)
-    elif unet is not None:
-        print(f"note: the web app applies UNet files as values; the {entry.unet_mode} of {entry.name} are left out "
-              f"(`controlnext generate --controlnext {entry.name}` applies them)")  # fmt: skip
     return str(module), preset
 
 
