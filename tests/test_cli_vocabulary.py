@@ -85,6 +85,11 @@ def test_preprocess_canny_defaults_are_the_demo_models_50_150_per_channel(tmp_pa
         expected |= cv2.Canny(np.ascontiguousarray(img[..., c]), 50.0, 150.0)
     np.testing.assert_array_equal(got, expected)
     assert not np.array_equal(got, cv2.Canny(img, 100.0, 200.0))
+    from controlnext.web.generation import read_settings
+
+    recorded = read_settings(tmp_path / "e.png")  # how the condition was made, in the PNG
+    assert (recorded["preprocessor"], recorded["preprocessor_options"]) == (
+        "canny", {"low": 50, "high": 150, "blur": 0, "per_channel": True})  # fmt: skip
     # --no-per-channel and explicit thresholds still give the single-pass detector
     argv = ["preprocess", "canny", str(tmp_path / "photo.png"), "-o", str(tmp_path / "f.png"), "--no-per-channel"]
     assert main([*argv, "--low", "100", "--high", "200"]) == 0

@@ -75,9 +75,28 @@ def run(args: argparse.Namespace) -> int:
     except MemoryError:
         raise ValueError(f"Out of memory making the {args.kind} map of {src.name}; give a smaller --size.") from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    result.save(out)
+    result.save(out, **_settings(args, src) if out.suffix.lower() == ".png" else {})
     print(f"wrote {out} ({result.width}x{result.height}, {args.kind})")
     return 0
+
+
+def _settings(args: argparse.Namespace, src: Path) -> dict:
+    """``pnginfo`` recording how the condition was made, under the key the web app and ``generate`` write."""
+    import json
+
+    from PIL import PngImagePlugin
+
+    from .. import preprocess as pp
+    from ..web.generation import METADATA_KEY
+
+    pre = pp.get_preprocessor(args.kind)
+    given = {o.name: getattr(args, o.name) for o in pre.options if getattr(args, o.name) is not None}
+    record = {"command": "preprocess", "preprocessor": args.kind, "preprocessor_options": pre.parse(given),
+              "input": str(src.resolve()), "size": args.size}  # fmt: skip
+    info = PngImagePlugin.PngInfo()
+    info.add_text(METADATA_KEY, json.dumps(record, sort_keys=True))
+    info.add_text("Software", "controlnext")
+    return {"pnginfo": info}
 
 
 def _make(args: argparse.Namespace, src: Path):
