@@ -67,6 +67,8 @@ def test_release_facts_the_table_records():
     assert ZOO["sdxl-depth"].repo == "Eugeoter/controlnext-sdxl-vidit-depth"
     assert ZOO["sdxl-anime-canny"].files == ("controlnet.safetensors", "unet.safetensors")
     assert {ZOO[n].unet_mode for n in ("sdxl-depth", "sdxl-anime-canny")} == {"deltas"}
+    # the authors' recommended control scales (SDXL training README, issue #36): canny 0.35, depth 1.0
+    assert (ZOO["sdxl-anime-canny"].scale, ZOO["sdxl-depth"].scale) == (0.35, 1.0)
     assert ZOO["svd-v1"].files == ("ControlNeXt-SVD/finetune/controlnet.bin", "ControlNeXt-SVD/finetune/unet_fp16.bin")
     assert ZOO["svd-v2"].files == ("ControlNeXt-SVD/v2/controlnet.bin", "ControlNeXt-SVD/v2/unet.bin")
     assert ZOO["dwpose"].files == ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")

@@ -35,7 +35,7 @@ class UserError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="controlnext",
-        description="Controllable image and video generation with ControlNeXt (SD1.5, SDXL, SVD).",
+        description="Controllable image and video generation with ControlNeXt (SD1.5, SDXL, SD3, Flux, SVD).",
         epilog="Run `controlnext COMMAND --help` for the options of one command.",
     )
     from . import __version__

@@ -11,11 +11,16 @@ Where each value comes from (repository dvlab-research/ControlNeXt, checked at c
   ``Eugeoter/controlnext-sdxl-anime-canny`` and ``Eugeoter/controlnext-sdxl-vidit-depth``, loaded with
   ``--load_weight_increasement`` (the UNet file holds deltas); the file names are the release pipeline's
   ``CONTROLNEXT_WEIGHT_NAME_SAFE`` / ``UNET_WEIGHT_NAME_SAFE`` (``controlnet.safetensors``, ``unet.safetensors``),
-  which ``utils/tools.py`` always asks for (``use_safetensors=True``). Scale 1.0: both run.sh scripts pass
-  ``--controlnet_scale 1.0``; 20 steps: ``run_controlnext.py``'s ``--num_inference_steps`` default; guidance 5:
-  the release pipeline's ``guidance_scale`` default (the scripts pass none). A lower canny
-  scale (0.35) has been quoted for the canny model, but no statement of the authors saying so was found in the
-  README, the scripts or the issue threads searched, so the table keeps the release's 1.0.
+  which ``utils/tools.py`` always asks for (``use_safetensors=True``). Recommended scales: canny 0.35, depth 1.0,
+  as the authors state in ``ControlNeXt-SDXL-Training/README.md`` ("For depth, we recommend 1.0, and for canny, we
+  recommend 0.35", of ``--controlnet_scale_factor``) and in issue #36 of the repository (now
+  JIA-Lab-research/ControlNeXt; Eugeoter, 2024-08-30: "for the Canny model, we set the controlnet_scale_factor to
+  0.35 (for depth, it's 1.0)"). That training factor multiplies the same ``controls['scale']`` as the inference
+  pipeline's ``controlnet_scale`` (our ``controlnext_conditioning_scale``). The inference example
+  ``examples/anime_canny/run.sh`` passes 1.0: stronger control than the canny model was trained with, if it was
+  trained at 0.35 as the issue says; the table follows the authors' recommendation. 20 steps: ``run_controlnext.py``'s
+  ``--num_inference_steps`` default; guidance 5: the release pipeline's ``guidance_scale`` default (the scripts
+  pass none).
 * SD1.5: ``ControlNeXt-SD1.5/README.md`` says to download ``huggingface.co/Pbihao/ControlNeXt/tree/main/
   ControlNeXt-SD1.5`` into ``pretrained/``, and ``examples/<name>/script.sh`` load
   ``pretrained/<name>/controlnet.safetensors`` and ``unet.safetensors`` (values, no ``--load_weight_increasement``)
@@ -77,11 +82,12 @@ class ZooEntry:
         return dict(asdict(self), files=list(self.files))
 
 
-def _sdxl(name: str, repo: str, condition: str, base: str, example: str) -> ZooEntry:
+def _sdxl(name: str, repo: str, condition: str, base: str, example: str, scale: float) -> ZooEntry:
     return ZooEntry(
         name=name, family="sdxl", variant="sdxl", condition=condition, repo=repo, module="controlnet.safetensors",
-        unet="unet.safetensors", unet_mode="deltas", base_model=base, scale=1.0, steps=20, guidance=5.0,
-        source=f"ControlNeXt-SDXL/README.md, examples/{example}/run.sh",
+        unet="unet.safetensors", unet_mode="deltas", base_model=base, scale=scale, steps=20, guidance=5.0,
+        source=f"ControlNeXt-SDXL/README.md, examples/{example}/run.sh; scale: ControlNeXt-SDXL-Training/README.md, "
+        "issue #36",
     )  # fmt: skip
 
 
@@ -99,9 +105,9 @@ ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
         _sdxl("sdxl-anime-canny", "Eugeoter/controlnext-sdxl-anime-canny", "canny", "neta-art/neta-xl-2.0",
-              "anime_canny"),  # fmt: skip
+              "anime_canny", scale=0.35),  # fmt: skip
         _sdxl("sdxl-depth", "Eugeoter/controlnext-sdxl-vidit-depth", "depth",
-              "stabilityai/stable-diffusion-xl-base-1.0", "vidit_depth"),  # fmt: skip
+              "stabilityai/stable-diffusion-xl-base-1.0", "vidit_depth", scale=1.0),  # fmt: skip
         _sd15("sd15-pose", "deepfashion_multiview", "pose"),
         _sd15("sd15-pose-caption", "deepfashion_caption", "pose"),
         _sd15("sd15-mask", "deepfashoin_mask", "mask"),
