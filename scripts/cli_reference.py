@@ -1,13 +1,21 @@
-"""Print the flag reference of every `controlnext` command as markdown (the second half of docs/cli.md).
+"""The flag reference of every `controlnext` command as markdown: the part of docs/cli.md after its marker line.
 
-    python scripts/cli_reference.py > /tmp/reference.md
+    python scripts/cli_reference.py           # print it
+    python scripts/cli_reference.py --write   # replace it in docs/cli.md (the hand-written part above stays)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import sys
+from pathlib import Path
 
 from controlnext.cli import build_parser
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+MARKER = "Generated from the parsers"  # the line after which docs/cli.md is this script's output
 
 
 def _flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -43,4 +51,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--write" in sys.argv[1:]:
+        text = DOC.read_text()
+        head = text[: text.index("\n", text.index(MARKER)) + 1]
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            main()
+        DOC.write_text(f"{head}\n{out.getvalue()}")
+    else:
+        main()
