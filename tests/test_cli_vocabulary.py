@@ -69,7 +69,8 @@ def test_docs_cli_lists_every_command_and_flag():
                     continue
                 hidden = set(getattr(action, "deprecated", ()))
                 for flag in set(action.option_strings) - hidden - {"-h", "--help"}:
-                    assert f"`{flag}" in text or f", {flag}" in text, (name, flag)
+                    assert f"`{flag}" in text or f", {flag}" in text, \
+                        f"{name} {flag} is not in docs/cli.md: run python scripts/cli_reference.py --write"
 
 
 def test_preprocess_canny_defaults_are_the_demo_models_50_150_per_channel(tmp_path, capsys):
