@@ -218,3 +218,32 @@ def test_python_m_controlnext_cli_errors_are_one_line(condition):
         "controlnext generate: error: --controlnext is required (a control module folder, file, hub id or zoo name) "
         "unless --model is demo"
     ]
+
+
+def test_generate_with_a_zoo_sdxl_module_and_another_applies_its_deltas_and_scales(
+    tiny_sdxl_dir, hub_cache, condition, tmp_path, monkeypatch
+):
+    from controlnext.pipelines import StableDiffusionXLControlNeXtPipeline
+
+    entry = ZOO["sdxl-anime-canny"]
+    save_controlnext_file(tiny_controlnext("sdxl", seed=4), hub_cache(entry.repo, entry.module))
+    save_file({"conv_out.bias": torch.full((4,), 0.5)}, str(hub_cache(entry.repo, entry.unet)))  # deltas
+    plain = save_controlnext_file(tiny_controlnext("sdxl", seed=5), tmp_path / "plain.safetensors")
+    calls, call = [], StableDiffusionXLControlNeXtPipeline.__call__
+
+    def record(self, *args, **kwargs):
+        calls.append(dict(kwargs, bias=self.unet.state_dict()["conv_out.bias"].clone()))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLControlNeXtPipeline, "__call__", record)
+    argv = ["generate", "--model", str(tiny_sdxl_dir), "--controlnext", "sdxl-anime-canny", "--controlnext",
+            str(plain), "--control-image", str(condition), "--prompt", "x", "-o", str(tmp_path / "o.png")]  # fmt: skip
+    assert main(argv) == 0
+    (c,) = calls
+    assert c["controlnext_conditioning_scale"] == [0.35, 1.0]  # the entry's recommendation, 1 for the other module
+    assert (c["num_inference_steps"], c["guidance_scale"]) == (20, 5.0)
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_sdxl_dir / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        base = f.get_tensor("conv_out.bias")
+    torch.testing.assert_close(c["bias"], base + 0.5)  # added to the base, as the release's weight increments

@@ -195,6 +195,7 @@ def _resolve_names(args: argparse.Namespace) -> list[tuple[str, str]]:
         args.controlnext = args.controlnext or [str(ref[1])]
     unet_files = []
     entries = []
+    scales = [1.0] * len(args.controlnext or [])  # the recommended scale of each zoo module, 1 for the others
     for i, name in enumerate(args.controlnext or []):
         if (ref := demo_ref(name)) is not None:
             args.controlnext[i] = str(ref[1])
@@ -205,15 +206,13 @@ def _resolve_names(args: argparse.Namespace) -> list[tuple[str, str]]:
                                 f"{name}`")  # fmt: skip
             args.controlnext[i] = str(module)
             entries.append(entry)
+            scales[i] = entry.scale if entry.scale is not None else 1.0
             if unet is not None and args.unet_weights is None:
                 unet_files.append((str(unet), entry.unet_mode or "auto"))
     if entries:
         first = entries[0]
         args.model = args.model or first.base_model
-        if args.control_scale is None:
-            args.control_scale = [e.scale if e.scale is not None else 1.0 for e in entries]
-            if len(entries) < len(args.controlnext):
-                args.control_scale = None  # mixed zoo and other modules: the plain default for all
+        args.control_scale = args.control_scale or scales
         args.steps = args.steps if args.steps is not None else first.steps
         args.guidance = args.guidance if args.guidance is not None else first.guidance
     if args.model is None:
