@@ -247,3 +247,17 @@ def test_generate_with_a_zoo_sdxl_module_and_another_applies_its_deltas_and_scal
     with safe_open(str(tiny_sdxl_dir / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         base = f.get_tensor("conv_out.bias")
     torch.testing.assert_close(c["bias"], base + 0.5)  # added to the base, as the release's weight increments
+
+
+def test_web_takes_a_zoo_name(tiny_sd15_dir, cached_sd15_mask, tmp_path):
+    pytest.importorskip("gradio")
+    from controlnext.cli import build_parser
+    from controlnext.commands.web import build_config
+
+    module, unet = cached_sd15_mask
+    save_file({"conv_out.bias": torch.zeros(4)}, str(unet))
+    argv = ["web", "--model", str(tiny_sd15_dir), "--controlnext", "sd15-mask", "--no-demo", "--output-dir",
+            str(tmp_path)]  # fmt: skip
+    (spec,) = build_config(build_parser().parse_args(argv)).models
+    assert (spec.controlnext, spec.unet_weights) == (str(module), str(unet))
+    assert (spec.steps, spec.guidance) == (20, 7.5)
