@@ -261,3 +261,24 @@ def test_web_takes_a_zoo_name(tiny_sd15_dir, cached_sd15_mask, tmp_path):
     (spec,) = build_config(build_parser().parse_args(argv)).models
     assert (spec.controlnext, spec.unet_weights) == (str(module), str(unet))
     assert (spec.steps, spec.guidance) == (20, 7.5)
+
+
+def test_video_takes_the_svd_names_and_dwpose(hub_cache, condition, tmp_path):
+    from controlnext.cli import build_parser
+    from controlnext.commands.video import _resolve_zoo
+
+    for name in ("svd-v2", "dwpose"):
+        for f in ZOO[name].files:
+            hub_cache(ZOO[name].repo, f).write_bytes(b"cached")
+    base = ["video", "--controlnext", "svd-v2", "--reference", str(condition), "--pose-video", str(tmp_path), "-o",
+            str(tmp_path / "v.mp4"), "--dwpose-dir", "dwpose"]  # fmt: skip
+    args = build_parser().parse_args(base)
+    _resolve_zoo(args)
+    assert Path(args.controlnext).parts[-3:] == ("ControlNeXt-SVD", "v2", "controlnet.bin")
+    assert Path(args.unet_weights).name == "unet.bin" and args.controlnext_variant == "svd-v2"
+    assert args.model == "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
+    assert (args.steps, args.min_guidance, args.max_guidance) == (25, 3.0, 3.0)
+    assert {p.name for p in Path(args.dwpose_dir).iterdir()} == {"yolox_l.onnx", "dw-ll_ucoco_384.onnx"}
+    args = build_parser().parse_args([*base, "--guidance", "2.5", "--steps", "4"])
+    _resolve_zoo(args)
+    assert (args.steps, args.min_guidance, args.max_guidance) == (4, 2.5, 2.5)
