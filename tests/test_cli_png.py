@@ -52,7 +52,8 @@ def test_from_png_reads_a_web_app_png(tmp_path, shapes_condition, monkeypatch):
     root = demo_assets()
     settings = GenerationSettings(prompt="a blue star", steps=2, guidance=3.0, control_scale=0.6, seed=11,
                                   width=64, height=64, base=str(root / "base"),
-                                  controlnext=str(root / "mask" / "controlnext.safetensors"))  # fmt: skip
+                                  controlnext=str(root / "mask" / "controlnext.safetensors"), preprocessor="canny",
+                                  preprocessor_options={"low": 10, "high": 20, "per_channel": False})  # fmt: skip
     save_png(PIL.Image.new("RGB", (64, 64)), tmp_path / "web.png", settings)
     calls, call = [], StableDiffusionControlNeXtPipeline.__call__
 
@@ -66,6 +67,16 @@ def test_from_png_reads_a_web_app_png(tmp_path, shapes_condition, monkeypatch):
     (c,) = calls
     assert (c["prompt"], c["num_inference_steps"], c["guidance_scale"]) == ("a blue star", 2, 3.0)
     assert c["controlnext_conditioning_scale"] == 0.6 and c["generator"].initial_seed() == 11
+    # the web app's preprocessor and its options made the condition from the image given
+    import cv2
+    import torch
+
+    edges = cv2.Canny(np.asarray(PIL.Image.open(shapes_condition).convert("RGB")), 10.0, 20.0)
+    expected = torch.from_numpy(np.repeat(edges[None], 3, 0)).float()[None] / 255
+    torch.testing.assert_close(c["control_image"], expected)
+    from controlnext.web.generation import read_settings
+
+    assert read_settings(tmp_path / "out.png")["preprocessor_options"]["low"] == 10  # and the result records them
 
 
 def test_from_png_errors_are_one_line(tmp_path, capsys):

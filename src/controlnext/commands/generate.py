@@ -169,13 +169,16 @@ def _from_png(args: argparse.Namespace) -> None:
         "lora": s.get("lora"),
         "lora_scale": s.get("lora_weight") if s.get("lora") else None,
         "control_image": s.get("control_images"),
-        "preprocess": s.get("preprocess"),
+        # generate's PNGs: one preprocessor (and its options) per module; the web app's: the one it applied
+        "preprocess": s.get("preprocess") or ([s["preprocessor"]] if s.get("preprocessor") else None),
         "image": s.get("image"),
         "mask": s.get("mask"),
         "strength": s.get("strength"),
         "fit": s.get("fit"),
         "scheduler": scheduler,
     }
+    if args.preprocess is None and stored["preprocess"] is not None:  # the options go with the stored preprocessors
+        args.preprocess_options = s.get("preprocess_options") or [s.get("preprocessor_options") or {}]
     for name, value in stored.items():
         if getattr(args, name) is None and value is not None:
             setattr(args, name, value)
@@ -238,6 +241,7 @@ def _per_module(values: list | None, n: int, flag: str) -> list:
 
 def _check(args: argparse.Namespace) -> list[tuple[str, str]]:
     from ..pipelines.common import MAX_CONTROL_SCALE, MAX_GUIDANCE_SCALE, check_number
+    from ..preprocess import get_preprocessor
 
     if args.from_png:
         _from_png(args)
@@ -253,6 +257,10 @@ def _check(args: argparse.Namespace) -> list[tuple[str, str]]:
     args.control_image = _per_module(args.control_image, n, "--control-image")
     args.control_scale = _per_module(args.control_scale, n, "--control-scale")
     args.preprocess = _per_module(args.preprocess or ["none"], n, "--preprocess")
+    given = getattr(args, "preprocess_options", None) or [{}]  # only --from-png sets options: the CLI takes defaults
+    args.preprocess_options = [
+        get_preprocessor(kind).parse(opts) for kind, opts in zip(args.preprocess, _per_module(given, n, "options"))
+    ]
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if not 1 <= args.num_images <= MAX_IMAGES:
@@ -376,9 +384,9 @@ def _conditions(args: argparse.Namespace, native: int | None) -> tuple[list, tup
     from ..conditioning import load_condition
 
     images = []
-    for path, kind in zip(args.control_image, args.preprocess):
+    for path, kind, options in zip(args.control_image, args.preprocess, args.preprocess_options):
         condition = load_condition(path)  # an unreadable or oversized file fails before anything else runs
-        images.append(pp.get_preprocessor(kind).run(pp.open_image(path)) if kind != "none" else None)
+        images.append(pp.get_preprocessor(kind).run(pp.open_image(path), options) if kind != "none" else None)
         if images[-1] is not None:
             condition = load_condition(images[-1])
         images[-1] = (images[-1], (condition.shape[-1], condition.shape[-2]), path)
@@ -490,7 +498,8 @@ def _save(img, path: Path, args, given: dict[str, Any], scheduler: str, index: i
         control_scale=args.control_scale[0], control_start=args.control_start, control_end=args.control_end,
         seed=args.seed, batch_size=args.num_images, width=img.width, height=img.height,
         base=given["model"] or args.model, controlnext=(given["controlnext"] or args.controlnext)[0], lora=args.lora,
-        lora_weight=args.lora_scale, preprocessor=args.preprocess[0], scheduler=scheduler,
+        lora_weight=args.lora_scale, preprocessor=args.preprocess[0],
+        preprocessor_options=args.preprocess_options[0], scheduler=scheduler,
     )  # fmt: skip
     extra = {
         "command": "generate",
@@ -499,6 +508,7 @@ def _save(img, path: Path, args, given: dict[str, Any], scheduler: str, index: i
         "control_scales": args.control_scale,
         "control_images": [str(Path(p).resolve()) for p in args.control_image],
         "preprocess": args.preprocess,
+        "preprocess_options": args.preprocess_options,
         "controlnext_variant": args.controlnext_variant,
         "unet_weights": args.unet_weights,
         "unet_weights_mode": args.unet_weights_mode,
