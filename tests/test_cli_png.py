@@ -86,3 +86,29 @@ def test_from_png_errors_are_one_line(tmp_path, capsys):
     assert "carries no controlnext settings" in line
     assert main(["generate", "--from-png", str(tmp_path / "none.png")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_from_png_finds_the_web_apps_condition_beside_its_result(tmp_path, shapes_condition, monkeypatch):
+    import hashlib
+    import shutil
+
+    from controlnext.pipelines import StableDiffusionControlNeXtPipeline
+    from controlnext.shapes.demo import demo_assets
+    from controlnext.web.generation import GenerationSettings, save_png
+
+    root, day = demo_assets(), tmp_path / "outputs" / "2026-12-01"
+    day.mkdir(parents=True)
+    shutil.copy(shapes_condition, day / "00003-condition.png")
+    settings = GenerationSettings(prompt="a red circle", steps=2, seed=3, width=64, height=64, base=str(root / "base"),
+                                  controlnext=str(root / "edges" / "controlnext.safetensors"), preprocessor="canny")
+    sha = hashlib.sha256((day / "00003-condition.png").read_bytes()).hexdigest()
+    save_png(PIL.Image.new("RGB", (64, 64)), day / "00003-0.png", settings,
+             {"condition_file": "00003-condition.png", "condition_sha256": sha})  # fmt: skip
+    seen, call = [], StableDiffusionControlNeXtPipeline.__call__
+    monkeypatch.setattr(StableDiffusionControlNeXtPipeline, "__call__",
+                        lambda self, *a, **kw: seen.append(kw["control_image"]) or call(self, *a, **kw))  # fmt: skip
+    assert main(["generate", "--from-png", str(day / "00003-0.png"), "-o", str(tmp_path / "again.png")]) == 0
+    from controlnext.conditioning import load_condition
+
+    # the saved condition as it is: the recorded canny was applied when the app made it
+    np.testing.assert_array_equal(seen[0].numpy(), load_condition(str(shapes_condition)).numpy())

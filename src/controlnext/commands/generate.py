@@ -177,11 +177,28 @@ def _from_png(args: argparse.Namespace) -> None:
         "fit": s.get("fit"),
         "scheduler": scheduler,
     }
+    condition = _web_condition(path, s)
+    if args.control_image is None and condition is not None:  # the web app's processed condition, next to its PNG
+        args.control_image = [condition]
+        args.preprocess = args.preprocess or ["none"]
     if args.preprocess is None and stored["preprocess"] is not None:  # the options go with the stored preprocessors
         args.preprocess_options = s.get("preprocess_options") or [s.get("preprocessor_options") or {}]
     for name, value in stored.items():
         if getattr(args, name) is None and value is not None:
             setattr(args, name, value)
+
+
+def _web_condition(png: Path, s: dict[str, Any]) -> str | None:
+    """The condition the web app saved beside a result (its name pattern, in the PNG's folder, the recorded hash)."""
+    import hashlib
+
+    name, sha = s.get("condition_file"), s.get("condition_sha256")
+    if not isinstance(name, str) or not re.fullmatch(r"\d{5}-condition\.png", name) or not isinstance(sha, str):
+        return None
+    path = png.parent / name
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha:
+        return str(path)
+    return None
 
 
 def _resolve_names(args: argparse.Namespace) -> list[tuple[str, str]]:
