@@ -119,8 +119,12 @@ def test_num_images_writes_numbered_pngs_with_their_index(tiny_sd15_dir, tmp_pat
     argv += ["-o", str(tmp_path / "b.png")]
     assert main(argv) == 0
     outs = [tmp_path / f"b_{i}.png" for i in range(3)]
-    assert [read_settings(p)["index"] for p in outs] == [0, 1, 2]
+    assert [(read_settings(p)["index"], read_settings(p)["seed"]) for p in outs] == [(0, 0), (1, 1), (2, 2)]
     assert not np.array_equal(np.asarray(PIL.Image.open(outs[0])), np.asarray(PIL.Image.open(outs[1])))
+    # each image is remade on its own from its PNG (its own seed, one image), as the web app's are
+    assert main(["generate", "--from-png", str(outs[2]), "-o", str(tmp_path / "again.png")]) == 0
+    again = np.asarray(PIL.Image.open(tmp_path / "again.png"))
+    np.testing.assert_array_equal(again, np.asarray(PIL.Image.open(outs[2])))
 
 
 @pytest.fixture(scope="module")

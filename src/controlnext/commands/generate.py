@@ -471,7 +471,10 @@ def _generate(args: argparse.Namespace, unet_files: list[tuple[str, str]], given
         width, height = fitted
     else:
         extra = {}
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    # One generator per image, seeded seed, seed + 1, ... as the web app does: each PNG records its own seed, so
+    # `--from-png` remakes that one image.
+    seeds = [args.seed + i for i in range(args.num_images)]
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     one = len(conditions) == 1
     kwargs = dict(
         negative_prompt=args.negative_prompt,
@@ -484,7 +487,7 @@ def _generate(args: argparse.Namespace, unet_files: list[tuple[str, str]], given
         num_images_per_prompt=args.num_images,
         height=height,
         width=width,
-        generator=generator,
+        generator=generators if len(generators) > 1 else generators[0],
         **extra,
     )
     try:
@@ -498,12 +501,12 @@ def _generate(args: argparse.Namespace, unet_files: list[tuple[str, str]], given
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     for i, (img, path) in enumerate(zip(images, paths)):
-        _save(img, path, args, given, type(pipe.scheduler).__name__, i, unet_files)
+        _save(img, path, args, given, type(pipe.scheduler).__name__, i, seeds[i])
         print(path)
     return 0
 
 
-def _save(img, path: Path, args, given: dict[str, Any], scheduler: str, index: int, unet_files) -> None:
+def _save(img, path: Path, args, given: dict[str, Any], scheduler: str, index: int, seed: int) -> None:
     """Write one result; a PNG records every setting (the web app's writer), readable by ``--from-png``."""
     if path.suffix.lower() != ".png":
         img.save(path)
@@ -513,7 +516,7 @@ def _save(img, path: Path, args, given: dict[str, Any], scheduler: str, index: i
     settings = GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt or "", steps=args.steps, guidance=args.guidance,
         control_scale=args.control_scale[0], control_start=args.control_start, control_end=args.control_end,
-        seed=args.seed, batch_size=args.num_images, width=img.width, height=img.height,
+        seed=seed, batch_size=1, width=img.width, height=img.height,
         base=given["model"] or args.model, controlnext=(given["controlnext"] or args.controlnext)[0], lora=args.lora,
         lora_weight=args.lora_scale, preprocessor=args.preprocess[0],
         preprocessor_options=args.preprocess_options[0], scheduler=scheduler,
