@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import UserError
-
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16"}
+from .generate import DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
