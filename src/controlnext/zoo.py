@@ -50,7 +50,7 @@ from typing import Any
 
 __all__ = ["ZOO", "ZooEntry", "ZooError", "cache_dir", "download", "get_entry", "resolve", "unet_mode_of"]
 
-_CODE_LICENSE = "Apache-2.0 (code repo; hub card not checked)"
+_CODE_LICENSE = "unchecked (code: Apache-2.0)"  # the hub model cards were not read; the code repository's licence
 
 
 @dataclass(frozen=True)

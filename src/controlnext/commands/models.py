@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-COLUMNS = ("name", "family", "variant", "condition", "base model", "scale", "steps", "repo", "files", "size")
+COLUMNS = ("name", "family", "variant", "condition", "base model", "scale", "steps", "size", "licence", "repo", "files")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def _row(e) -> tuple[str, ...]:
 
     size = "?" if e.size_mb is None else f"{e.size_mb:.0f} MB"
     return (e.name, text(e.family), text(e.variant), e.condition, text(e.base_model), text(e.scale), text(e.steps),
-            e.repo, ", ".join(e.files), size)  # fmt: skip
+            size, e.license, e.repo, ", ".join(e.files))  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
