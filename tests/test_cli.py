@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -255,6 +256,8 @@ def shapes_condition(tmp_path):
 def _generate_demo(tmp_path, name, model, module, condition) -> np.ndarray:
     argv = ["generate", "--model", str(model), "--control-image", str(condition), "--prompt", "a red circle"]
     argv += ["--steps", "2", "-o", str(tmp_path / f"{name}.png")] + (["--controlnext", str(module)] if module else [])
+    if module and Path(module).is_file():  # a module file alone: its UNet deltas are passed explicitly
+        argv += ["--unet-weights", str(Path(module).parent / "unet_weight_increasements.safetensors")]
     assert main(argv) == 0
     return np.asarray(PIL.Image.open(tmp_path / f"{name}.png"))
 
@@ -270,6 +273,11 @@ def test_generate_takes_the_demo_model_by_name(tmp_path, shapes_condition):
     np.testing.assert_array_equal(_generate_demo(tmp_path, "b", "demo:edges", None, shapes_condition), edges)
     np.testing.assert_array_equal(_generate_demo(tmp_path, "c", "demo:mask", None, shapes_condition), mask)
     np.testing.assert_array_equal(_generate_demo(tmp_path, "d", "demo", "demo:mask", shapes_condition), mask)
+    # The name brings the module's UNet deltas (the published recipe): the module alone makes another image.
+    argv = ["generate", "--model", str(base), "--controlnext", str(demo_assets() / "edges" / "controlnext.safetensors")]
+    argv += ["--control-image", str(shapes_condition), "--prompt", "a red circle", "--steps", "2"]
+    assert main([*argv, "-o", str(tmp_path / "plain.png")]) == 0
+    assert not np.array_equal(np.asarray(PIL.Image.open(tmp_path / "plain.png")), edges)
 
 
 def test_generate_without_a_module_names_the_option(tmp_path, condition, capsys):

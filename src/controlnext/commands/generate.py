@@ -207,18 +207,21 @@ def _resolve_names(args: argparse.Namespace) -> list[tuple[str, str]]:
     A demo --model brings its module unless one is given; a zoo module brings its base model (when --model is not
     given), its UNet file and its recommended scale, steps and guidance (where those are not given).
     """
-    from ..shapes.demo import demo_ref
+    from ..shapes.demo import demo_ref, demo_unet_weights
     from ..zoo import get_entry, resolve
 
     if args.model is not None and (ref := demo_ref(args.model)) is not None:
+        args.controlnext = args.controlnext or [args.model]  # resolved below, with its UNet weights
         args.model = str(ref[0])
-        args.controlnext = args.controlnext or [str(ref[1])]
     unet_files = []
     entries = []
     scales = [1.0] * len(args.controlnext or [])  # the recommended scale of each zoo module, 1 for the others
     for i, name in enumerate(args.controlnext or []):
         if (ref := demo_ref(name)) is not None:
             args.controlnext[i] = str(ref[1])
+            # The demo modules ship with UNet `to_out` deltas (the published recipe): a demo name brings both.
+            if args.unet_weights is None and (weights := demo_unet_weights(ref[1])) is not None:
+                unet_files.append((str(weights), "auto"))
         elif get_entry(name) is not None:
             entry, module, unet = resolve(name)
             if entry.family is not None and entry.family not in ("sd15", "sdxl", "sd3", "flux"):

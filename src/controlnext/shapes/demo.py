@@ -71,6 +71,14 @@ def demo_ref(name: str) -> tuple[Path, Path] | None:
     return root / "base", root / condition / "controlnext.safetensors"
 
 
+def demo_unet_weights(module_file: Path) -> Path | None:
+    """The UNet weights shipped next to a demo module (its ``to_out`` deltas), or None when there are none."""
+    from ..training.export import UNET_DELTAS_FILE, UNET_VALUES_FILE
+
+    files = (module_file.parent / name for name in (UNET_DELTAS_FILE, UNET_VALUES_FILE))
+    return next((f for f in files if f.is_file()), None)
+
+
 def demo_cases(n: int, condition: str, seeds_per_prompt: int = 2, start: int = 0) -> tuple[list, list, list]:
     """``n`` held-out cases: (prompts, condition images uint8 (H, W, 3), generator seeds).
 
@@ -114,14 +122,12 @@ def load_demo_pipeline(condition: str = "edges", allow_random: bool = True, root
         return _random_pipeline(condition), "random-untrained"
     from ..loading import load_controlnext
     from ..pipelines import StableDiffusionControlNeXtPipeline
-    from ..training.export import UNET_DELTAS_FILE, UNET_VALUES_FILE
 
     module = load_controlnext(module_file)
     pipe = StableDiffusionControlNeXtPipeline.from_pretrained(str(root / "base"), controlnext=module)
     # The trained UNet subset ships next to the module, as the releases ship theirs (values or deltas).
-    for name in (UNET_DELTAS_FILE, UNET_VALUES_FILE):
-        if (root / condition / name).is_file():
-            pipe.load_unet_weights(root / condition / name, keep_base=True)
+    if (weights := demo_unet_weights(module_file)) is not None:
+        pipe.load_unet_weights(weights, keep_base=True)
     return pipe, "shipped"
 
 
