@@ -47,6 +47,7 @@ from .data import ColumnNames, ControlDataset, EpochBatchSampler, bucket_sizes, 
 from .export import export_outputs, write_model_card
 from .guards import check_loss, check_mixed_precision, check_weights, warn_non_finite
 from .objectives import ddpm_inputs, ddpm_loss
+from .shards import open_stream
 from .trainable import (
     TrainableSet,
     apply_trainable,
@@ -311,44 +312,57 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         base.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
 
     # ---- data
-    source = open_source(
-        cfg.dataset,
-        ColumnNames(cfg.image_column, cfg.condition_column, cfg.caption_column),
-        cfg.dataset_split,
-        cfg.dataset_config,
-        cfg.cache_dir,
-    )
-    scan = _on_main(  # the rows are checked once
-        accelerator,
-        lambda: scan_rows(source, cfg.on_bad_row, check=cfg.check_data or cfg.bucketing, limit=cfg.max_train_samples),
-    )
-    say(f"data: {source.description}: {len(scan.good)} usable rows" + (f", {len(scan.bad)} bad" if scan.bad else ""))
-    if scan.bad and main:
-        print(scan.summary())
-    buckets = bucket_sizes(resolution, cfg.bucket_step) if cfg.bucketing else None
-    dataset = ControlDataset(
-        source,
-        scan,
-        resolution,
-        buckets,
-        cfg.center_crop,
-        cfg.random_flip,
-        cfg.caption_dropout,
-        cfg.seed,
-        cfg.on_bad_row,
-    )
-    sampler = EpochBatchSampler(dataset.groups, cfg.train_batch_size, cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=cfg.dataloader_num_workers,
-        persistent_workers=cfg.dataloader_num_workers > 0,
-    )
+    # [streaming] a shard set is streamed (training/shards.py): each process reads its own shards
+    stream = open_stream(cfg, accelerator.process_index, accelerator.num_processes, resolution,
+                         lambda work: _on_main(accelerator, work))  # fmt: skip
+    if stream is not None:  # [streaming]
+        scan = stream.shards.scan_report()
+        say(f"data: {stream.shards.description}: {scan.good.stop} samples in {len(stream.shards.shards)} shards, "
+            "streamed")  # fmt: skip
+        if scan.bad and main:
+            print(scan.summary())
+        loader = sampler = stream
+    else:  # [streaming] the map-style path, unchanged
+        source = open_source(
+            cfg.dataset,
+            ColumnNames(cfg.image_column, cfg.condition_column, cfg.caption_column),
+            cfg.dataset_split,
+            cfg.dataset_config,
+            cfg.cache_dir,
+        )
+        scan = _on_main(  # the rows are checked once
+            accelerator,
+            lambda: scan_rows(source, cfg.on_bad_row, check=cfg.check_data or cfg.bucketing,
+                              limit=cfg.max_train_samples),  # fmt: skip
+        )
+        say(f"data: {source.description}: {len(scan.good)} usable rows"
+            + (f", {len(scan.bad)} bad" if scan.bad else ""))  # fmt: skip
+        if scan.bad and main:
+            print(scan.summary())
+        buckets = bucket_sizes(resolution, cfg.bucket_step) if cfg.bucketing else None
+        dataset = ControlDataset(
+            source,
+            scan,
+            resolution,
+            buckets,
+            cfg.center_crop,
+            cfg.random_flip,
+            cfg.caption_dropout,
+            cfg.seed,
+            cfg.on_bad_row,
+        )
+        sampler = EpochBatchSampler(dataset.groups, cfg.train_batch_size, cfg.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=cfg.dataloader_num_workers,
+            persistent_workers=cfg.dataloader_num_workers > 0,
+        )
 
     # ---- schedule
     procs = accelerator.num_processes
-    batches_per_process = math.ceil(len(sampler) / procs)
+    batches_per_process = len(stream) if stream is not None else math.ceil(len(sampler) / procs)  # [streaming]
     updates_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
@@ -365,7 +379,10 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         power=cfg.lr_power,
     )
     model = ControlledBackbone(unet, controlnext)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if stream is not None:  # [streaming] not re-split or dispatched by accelerate: each process has its own shards
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    else:
+        model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     trained_params = [p for g in groups for p in g["params"]]
     sharded = _sharded(accelerator)
     if cfg.use_ema and sharded:
@@ -401,6 +418,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         else:
             weights.pop()  # the full UNet is frozen: store only what is trained
             trainable_file = TRAINABLE_FILE
+        if stream is not None:  # [streaming] this process's data position, data_state.rank{R}.json
+            stream.save(Path(out_dir), accelerator.process_index)
         if not main:
             return
         out = Path(out_dir)
@@ -447,6 +466,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 p.data.copy_(shadow[f"{i}"].to(p.device))
             ema.optimization_step = int(state["ema"]["optimization_step"])
         run.global_step = int(state["global_step"])
+        if stream is not None:  # [streaming]
+            stream.restore(in_dir, accelerator.process_index)
         run.losses = [tuple(x) for x in state.get("losses", [])]
         check_resume_settings(in_dir, state.get("resume_key", {}), run.resume_key, cfg.allow_changed_settings, main)
 
@@ -526,7 +547,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             if done:
                 break
             batches = loader
-            if epoch == first_epoch and skip_batches:
+            if epoch == first_epoch and skip_batches and stream is None:  # [streaming] the stream resumes itself
                 batches = accelerator.skip_first_batches(loader, skip_batches)
             # accelerate's loader re-sets its sampler's epoch to its own iteration count when iterated; align both.
             batches.set_epoch(epoch)

@@ -50,6 +50,7 @@ from .data import BadRowError, ColumnNames, RawRow, ScanReport, collate, load_sa
 
 __all__ = [
     "INDEX_FILE",
+    "open_stream",
     "STATE_FILE",
     "Shard",
     "ShardSet",
@@ -198,13 +199,10 @@ def _hub_files(spec: str, split: str, config_name: str | None, cache_dir: str | 
 
 
 def is_shard_set(spec: str, streaming: bool = False) -> bool:
-    """True when ``--dataset spec`` is read as a stream of shards (see :func:`shard_files`)."""
-    return shard_files(spec, streaming) is not None if (streaming or _looks_sharded(spec)) else False
-
-
-def _looks_sharded(spec: str) -> bool:
+    """True when ``--dataset spec`` is streamed as shards: with ``streaming``, or for ``.tar`` files, folders holding
+    them and patterns (see :func:`shard_files`)."""
     path = Path(spec)
-    if "{" in spec or _kind(spec) == "tar" or (any(c in spec for c in "*?[") and not path.exists()):
+    if streaming or "{" in spec or _kind(spec) == "tar" or (any(c in spec for c in "*?[") and not path.exists()):
         return True
     return path.is_dir() and any(_kind(p.name) == "tar" for p in path.rglob("*"))
 
@@ -865,3 +863,32 @@ def check_shards(shards: ShardSet, verify: Callable[[RawRow], None] | None = Non
     bad_rows = [b for _, bs in results for b in bs]
     return dict(shards=per_shard, samples=shards.samples, usable=shards.samples - len(bad_rows), bad_rows=bad_rows,
                 problems=list(shards.problems))  # fmt: skip
+
+
+def open_stream(cfg: Any, rank: int, world: int, resolution: int,
+                run_once: Callable[[Callable[[], Any]], Any] = lambda work: work()) -> ShardStream | None:  # fmt: skip
+    """The stream of this process for ``cfg.dataset`` (a :class:`~controlnext.training.config.TrainConfig`) when it
+    is a shard set, else None (it is read map-style). ``run_once`` runs the counting once and shares the result
+    (the training loop passes its main-process broadcast)."""
+    if not is_shard_set(cfg.dataset, cfg.streaming):
+        return None
+    if cfg.bucketing:
+        raise ValueError("--bucketing needs every image size up front; streamed shards are cropped to --resolution. "
+                         "Drop --bucketing, or train from an imagefolder/saved dataset.")  # fmt: skip
+    columns = ColumnNames(cfg.image_column, cfg.condition_column, cfg.caption_column)
+
+    def count() -> ShardSet:
+        found = open_shards(cfg.dataset, columns, cfg.streaming, cfg.dataset_split, cfg.dataset_config, cfg.cache_dir)
+        if cfg.max_train_samples:  # the first N samples, in shard order
+            kept, left = [], cfg.max_train_samples
+            for shard in found.shards:
+                if left > 0:
+                    kept.append(Shard(shard.url, min(shard.samples, left), shard.kind))
+                    left -= shard.samples
+            found.shards = kept
+        return found
+
+    shards = run_once(count)
+    settings = StreamSettings(resolution, cfg.train_batch_size, cfg.seed, cfg.shuffle_buffer, cfg.center_crop,
+                              cfg.random_flip, cfg.caption_dropout, cfg.on_bad_row)  # fmt: skip
+    return ShardStream(shards, settings, rank, world, cfg.dataloader_num_workers)
