@@ -200,3 +200,34 @@ def test_shards_empty_or_unusable_sets_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="fewer than the 4 processes"):
         _tar(empty / "one.tar", [_good(0)])
         _stream(sh.open_shards(str(empty)), world=4)
+
+
+# ------------------------------------------------------------------------------------------------ the commands
+def test_shards_make_and_check_commands(shapes, tmp_path, capsys):
+    import shutil
+
+    from controlnext.cli import main
+
+    source = tmp_path / "source"
+    shutil.copytree(shapes, source)
+    (source / "images" / "0003.png").write_bytes(b"broken")  # a bad row: skipped and listed
+    out = tmp_path / "shards"
+    assert main(["make-shards", str(source), str(out), "--samples-per-shard", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote 31 samples in 4 shard(s)" in text and "1 bad row(s) skipped" in text and "0003.png" in text
+    assert main(["check-shards", str(out), "--json", str(tmp_path / "report.json")]) == 0
+    text = capsys.readouterr().out
+    assert "31 samples, 31 usable, 0 unusable" in text and "shard-000003.tar: 1 samples" in text
+    assert json.loads((tmp_path / "report.json").read_text())["usable"] == 31
+    assert main(["make-shards", str(source), str(out)]) == 2  # not over existing shards
+    assert "already holds shards" in capsys.readouterr().err
+    # A damaged sample inside a shard: check-shards names it and exits with 1.
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / sh.INDEX_FILE).unlink()
+    _tar(broken / "shard-000009.tar", [_good(0), ("bad", {"image.png": b"x", "conditioning_image.png": _png()})])
+    assert main(["check-shards", str(broken)]) == 1
+    text = capsys.readouterr().out
+    assert "sample shard-000009.tar:bad: image is not a readable image" in text and "1 unusable" in text
+    assert main(["check-shards", str(tmp_path / "none-{0..3}.tar")]) == 2
+    assert "do not exist" in capsys.readouterr().err

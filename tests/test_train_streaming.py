@@ -132,3 +132,54 @@ def test_streaming_refuses_bucketing_and_a_checkpoint_of_another_process_count(s
     (ckpt / "checkpoint.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"no streaming data position for process 0.*written by 1 process"):
         train(parse_train_args([*args, "--resume-from-checkpoint", "latest"]))
+
+
+# ------------------------------------------------------------------------------------------------ caches
+@pytest.fixture(scope="module")
+def cache_dir(sd15, shapes, tmp_path_factory):
+    from controlnext.cli import main
+
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    assert main(["make-shards", str(shapes), str(out), "--samples-per-shard", "7", "--cache-latents", "--base",
+                 str(sd15), "--resolution", "64", "--cpu"]) == 0  # fmt: skip
+    return out
+
+
+def test_streaming_cache_trains_like_the_images_it_was_made_from(sd15, shard_dir, cache_dir, tmp_path):
+    record = json.loads((cache_dir / sh.INDEX_FILE).read_text())["cache"]
+    assert record["family"] == "sd15" and record["resolution"] == 64 and record["vae"]["dtype"] == "float32"
+    with __import__("tarfile").open(cache_dir / "shard-000000.tar") as tar:
+        assert sorted(n.split(".", 1)[1] for n in tar.getnames()[:3]) == [
+            "cache.safetensors", "conditioning_image.png", "json"]  # fmt: skip
+    common = ["--center-crop", "--caption-dropout", "0.3", "--max-train-steps", "4", "--dataloader-num-workers", "2"]
+    images = train(parse_train_args(_args(sd15, shard_dir, tmp_path / "images", *common)))
+    cached = train(parse_train_args(_args(sd15, cache_dir, tmp_path / "cached", *common)))
+    # Same samples in the same order, the same dropped captions: only the VAE's batching differs (float rounding).
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(images.losses), rtol=1e-5, atol=0)
+
+
+def test_streaming_cache_of_another_encoder_resolution_or_dtype_is_refused(sd15, cache_dir, tmp_path):
+    from controlnext.training.base import load_base_model
+    from controlnext.training.cache import check_cache
+
+    record = json.loads((cache_dir / sh.INDEX_FILE).read_text())["cache"]
+    base = load_base_model(str(sd15))
+    check_cache(record, base, 64, "cache")  # the encoders it was made with
+    with torch.no_grad():
+        next(base.vae.parameters()).add_(1e-3)  # another VAE (e.g. a fine-tuned one)
+    with pytest.raises(ValueError, match=r"VAE is another model \(SHA-256"):
+        check_cache(record, base, 64, "cache")
+    base = load_base_model(str(sd15))
+    base.text_encoders[0].to(torch.bfloat16)
+    with pytest.raises(ValueError, match="text encoder 1 dtype float32 -> bfloat16"):
+        check_cache(record, base, 64, "cache")
+    # Through `controlnext train`, before any step: another resolution, another dtype, random flips.
+    for extra, message in (
+        (["--resolution", "32"], r"resolution 64 -> 32"),
+        (["--mixed-precision", "bf16"], r"VAE dtype float32 -> bfloat16"),
+        (["--random-flip"], "--random-flip cannot be used with the latent cache"),
+    ):
+        args = _args(sd15, cache_dir, tmp_path / "refused", "--max-train-steps", "1")
+        args[args.index("--resolution") : args.index("--resolution") + 2] = []
+        with pytest.raises(ValueError, match=message):
+            train(parse_train_args([*args, "--resolution", "64", *extra]))

@@ -33,6 +33,7 @@ from ..families import get_family
 from ..inject import injection_channels
 from ..models.controlnext import ControlNeXtModel
 from .base import BaseModel, PromptEncoder, load_base_model
+from .cache import LatentDist, cached_prompts
 from .checkpoint import (
     check_resume_settings,
     lock_output_dir,
@@ -314,7 +315,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     # ---- data
     # [streaming] a shard set is streamed (training/shards.py): each process reads its own shards
     stream = open_stream(cfg, accelerator.process_index, accelerator.num_processes, resolution,
-                         lambda work: _on_main(accelerator, work))  # fmt: skip
+                         lambda work: _on_main(accelerator, work), base)  # fmt: skip
     if stream is not None:  # [streaming]
         scan = stream.shards.scan_report()
         say(f"data: {stream.shards.description}: {scan.good.stop} samples in {len(stream.shards.shards)} shards, "
@@ -500,11 +501,13 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     ema_params = trained_params
 
     def loss_for(batch: dict, step: int, micro: int) -> torch.Tensor:
-        pixels = batch["pixel_values"].to(device=device, dtype=base.vae.dtype)
-        bsz = pixels.shape[0]
+        bsz = len(batch["row_ids"])
         gens = sample_generators(cfg.seed, step, micro, accelerator.process_index * cfg.train_batch_size, bsz)
         with torch.no_grad():
-            dist = base.vae.encode(pixels).latent_dist
+            if "latent_mean" in batch:  # [cache] the VAE posterior precomputed by make-shards --cache-latents
+                dist = LatentDist(*(batch[k].to(device, base.vae.dtype) for k in ("latent_mean", "latent_std")))
+            else:
+                dist = base.vae.encode(batch["pixel_values"].to(device=device, dtype=base.vae.dtype)).latent_dist
             latents = dist.mean + dist.std * randn(tuple(dist.mean.shape[1:]), gens, device, dist.mean.dtype)
             latents = ((latents - shift) * sf).to(weight_dtype)
         noise = randn(tuple(latents.shape[1:]), gens, device, latents.dtype)
@@ -512,7 +515,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             noise = noise + cfg.noise_offset * randn((latents.shape[1], 1, 1), gens, device, latents.dtype)
         timesteps = torch.stack([torch.randint(0, num_t, (), generator=g) for g in gens]).to(device)
         noisy, target = ddpm_inputs(noise_scheduler, latents, noise, timesteps, prediction_type)
-        embeds, pooled = prompts(batch["captions"])
+        embeds, pooled = cached_prompts(batch) if "prompt_embeds" in batch else prompts(batch["captions"])  # [cache]
         added = fam.added_conditioning(pooled, batch["time_ids"].to(device=device, dtype=weight_dtype))
         pred = model(noisy, timesteps, encoder_hidden_states=embeds, condition=batch["conditioning"].to(device),
                      added_cond_kwargs=added)  # fmt: skip

@@ -765,6 +765,7 @@ def write_shards(
     samples_per_shard: int = 1000,
     cache: dict | None = None,
     progress: bool = True,
+    columns: dict | None = None,
 ) -> dict:
     """Write rows (each a ``members()`` callable) as WebDataset tar shards ``shard-NNNNNN.tar`` plus ``shards.json``.
 
@@ -816,7 +817,7 @@ def write_shards(
     if not entries:
         first = "; ".join(f"row {r}: {why}" for r, why in bad[:3])
         raise ValueError(f"No row could be written ({len(bad)} bad; first: {first}).")
-    index = {"format": INDEX_FORMAT, "version": 1, "samples": written, "columns": vars(ColumnNames()).copy(),
+    index = {"format": INDEX_FORMAT, "version": 1, "samples": written, "columns": columns or vars(ColumnNames()).copy(),
              "shards": entries, "cache": cache}  # fmt: skip
     write_text_atomic(out / INDEX_FILE, json.dumps(index, indent=1) + "\n")
     return {**index, "bad_rows": bad}
@@ -866,10 +867,12 @@ def check_shards(shards: ShardSet, verify: Callable[[RawRow], None] | None = Non
 
 
 def open_stream(cfg: Any, rank: int, world: int, resolution: int,
-                run_once: Callable[[Callable[[], Any]], Any] = lambda work: work()) -> ShardStream | None:  # fmt: skip
+                run_once: Callable[[Callable[[], Any]], Any] = lambda work: work(), base: Any = None
+                ) -> ShardStream | None:  # fmt: skip
     """The stream of this process for ``cfg.dataset`` (a :class:`~controlnext.training.config.TrainConfig`) when it
     is a shard set, else None (it is read map-style). ``run_once`` runs the counting once and shares the result
-    (the training loop passes its main-process broadcast)."""
+    (the training loop passes its main-process broadcast). A cache (``make-shards --cache-latents``) is checked
+    against ``base``, the run's base model with its encoders in the dtypes they run in."""
     if not is_shard_set(cfg.dataset, cfg.streaming):
         return None
     if cfg.bucketing:
@@ -891,4 +894,17 @@ def open_stream(cfg: Any, rank: int, world: int, resolution: int,
     shards = run_once(count)
     settings = StreamSettings(resolution, cfg.train_batch_size, cfg.seed, cfg.shuffle_buffer, cfg.center_crop,
                               cfg.random_flip, cfg.caption_dropout, cfg.on_bad_row)  # fmt: skip
-    return ShardStream(shards, settings, rank, world, cfg.dataloader_num_workers)
+    kw: dict[str, Any] = {}
+    if shards.cache is not None:
+        from .cache import collate_cached, open_cached
+
+        if cfg.random_flip:
+            raise ValueError(f"--random-flip cannot be used with the latent cache {cfg.dataset}: its latents were "
+                             "computed once, unflipped. Drop --random-flip, or train from the images.")  # fmt: skip
+        if base is None:
+            raise ValueError(f"{cfg.dataset} is a latent cache: it needs the base model to be checked against.")
+        where = f"--dataset {cfg.dataset}"
+        kw = dict(sample_fn=run_once(lambda: open_cached(shards.cache, shards.root, base, resolution, cfg.seed,
+                                                         cfg.caption_dropout, where)),
+                  collate_fn=collate_cached)  # fmt: skip
+    return ShardStream(shards, settings, rank, world, cfg.dataloader_num_workers, **kw)
