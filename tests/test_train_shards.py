@@ -231,3 +231,35 @@ def test_shards_make_and_check_commands(shapes, tmp_path, capsys):
     assert "sample shard-000009.tar:bad: image is not a readable image" in text and "1 unusable" in text
     assert main(["check-shards", str(tmp_path / "none-{0..3}.tar")]) == 2
     assert "do not exist" in capsys.readouterr().err
+
+
+def test_shards_parquet_files_stream_with_row_groups_skipped(shapes, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = [json.loads(line) for line in (shapes / "metadata.jsonl").read_text().splitlines()]
+
+    def image(name):  # the layout `datasets` writes for an Image column
+        return {"bytes": (shapes / name).read_bytes(), "path": name}
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    for part, rows in enumerate((meta[:20], meta[20:])):
+        table = pa.table({
+            "image": [image(r["file_name"]) for r in rows],
+            "conditioning_image": [image(r["conditioning_image_file_name"]) for r in rows],
+            "text": [r["text"] for r in rows],
+        })  # fmt: skip
+        pq.write_table(table, folder / f"part-{part}.parquet", row_group_size=3)
+    assert not sh.is_shard_set(str(folder)) and sh.is_shard_set(str(folder), streaming=True)
+    shards = sh.open_shards(str(folder), streaming=True)
+    assert [(s.kind, s.samples) for s in shards.shards] == [("parquet", 20), ("parquet", 12)]
+    captions = []
+    for rank in (0, 1):
+        for batch in _epoch(_stream(shards, rank, world=2, workers=2, batch=3), 4):
+            captions += batch["captions"]
+            assert not batch["bad_rows"]
+    assert Counter(captions) == Counter(r["text"] for r in meta)
+    # A reader that starts inside a shard skips the row groups before it without reading them.
+    first = next(sh.read_shard(shards.shards[0], shards.columns, start=10))
+    assert first[0] == 10 and first[1].caption == meta[10]["text"]

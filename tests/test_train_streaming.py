@@ -183,3 +183,19 @@ def test_streaming_cache_of_another_encoder_resolution_or_dtype_is_refused(sd15,
         args[args.index("--resolution") : args.index("--resolution") + 2] = []
         with pytest.raises(ValueError, match=message):
             train(parse_train_args([*args, "--resolution", "64", *extra]))
+
+
+def test_streaming_two_processes_each_read_their_own_shards(sd15, shard_dir, tmp_path):
+    from test_train_distributed import _launch
+
+    out = tmp_path / "ddp"
+    args = _args(sd15, shard_dir, out, "--num-train-epochs", "2", "--checkpointing-steps", "4", "--random-flip",
+                 "--dataloader-num-workers", "2")  # fmt: skip
+    proc = _launch(args)
+    assert "32 samples in 5 shards, streamed" in proc.stdout
+    summary = json.loads((out / "train_summary.json").read_text())
+    # 32 samples / (2 processes x 3): 6 batches per process per epoch, the last ones smaller; both end equal.
+    assert summary["steps"] == 12 and len(set(summary["rank_fingerprints"])) == 1
+    states = [json.loads((out / "checkpoints" / "checkpoint-8" / f"data_state.rank{r}.json").read_text())
+              for r in (0, 1)]  # fmt: skip
+    assert [(s["rank"], s["processes"], s["epoch"], s["batches"]) for s in states] == [(0, 2, 1, 2), (1, 2, 1, 2)]
