@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import BadRowError, ColumnNames, RawRow, ScanReport, collate, load_sample
+from .data import METADATA_FILES, BadRowError, ColumnNames, RawRow, ScanReport, collate, load_sample
 
 __all__ = [
     "INDEX_FILE",
@@ -204,7 +204,11 @@ def is_shard_set(spec: str, streaming: bool = False) -> bool:
     path = Path(spec)
     if streaming or "{" in spec or _kind(spec) == "tar" or (any(c in spec for c in "*?[") and not path.exists()):
         return True
-    return path.is_dir() and any(_kind(p.name) == "tar" for p in path.rglob("*"))
+    if not path.is_dir() or (path / "dataset_info.json").is_file() or any((path / m).is_file() for m in METADATA_FILES):
+        return False  # an imagefolder or saved dataset: not walked (it may hold millions of images)
+    if (path / INDEX_FILE).is_file():
+        return True
+    return any(_kind(p.name) == "tar" for d in (path, *(c for c in path.iterdir() if c.is_dir())) for p in d.iterdir())
 
 
 def _open_binary(url: str):
