@@ -84,6 +84,9 @@ def test_streaming_kill9_at_random_steps_then_resume_is_bit_identical(sd15, shar
         assert state["workers"] == 2 and sum(p[1] for p in state["positions"].values()) == state["batches"]
     resumed = train(parse_train_args(args))
     assert resumed.global_step == 9
+    # The epoch's partial accumulation is applied at its end, as with map-style data: step 6 closes epoch 0.
+    state = json.loads((out / "checkpoints" / "checkpoint-6" / "data_state.rank0.json").read_text())
+    assert (state["epoch"], state["batches"]) == (0, 11)
     assert resumed.losses == ref.losses[-len(resumed.losses) :]
     a, b = _weights(out), _weights(tmp_path / "straight")
     assert a.keys() == b.keys()

@@ -673,13 +673,26 @@ class ShardStream:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity
         )
-        for batch in loader:
-            k, number, taken, produced = batch.pop("stream")
-            if number != self.batches:  # the plan and the loader's worker order disagree: never silently
-                raise RuntimeError(f"streaming data: expected batch {self.batches}, got {number} from worker {k}.")
-            self.positions[k] = (taken, produced)
-            self.batches += 1
-            yield batch
+        # Like accelerate's prepared loaders, say when the epoch's last batch comes, so that a partial gradient
+        # accumulation at the end of the epoch is applied there (only inside a training run: an Accelerator exists).
+        from accelerate.state import GradientState
+
+        state = GradientState() if GradientState._shared_state else None
+        self.end_of_dataloader, self.remainder = False, -1
+        if state is not None:
+            state._add_dataloader(self)
+        try:
+            for batch in loader:
+                k, number, taken, produced = batch.pop("stream")
+                if number != self.batches:  # the plan and the loader's worker order disagree: never silently
+                    raise RuntimeError(f"streaming data: expected batch {self.batches}, got {number} from worker {k}.")
+                self.positions[k] = (taken, produced)
+                self.batches += 1
+                self.end_of_dataloader = self.batches == len(self)
+                yield batch
+        finally:
+            if state is not None:
+                state._remove_dataloader(self)
 
     def _key(self) -> dict:
         d = self.dataset
