@@ -263,3 +263,23 @@ def test_shards_parquet_files_stream_with_row_groups_skipped(shapes, tmp_path):
     # A reader that starts inside a shard skips the row groups before it without reading them.
     first = next(sh.read_shard(shards.shards[0], shards.columns, start=10))
     assert first[0] == 10 and first[1].caption == meta[10]["text"]
+
+
+def test_shards_hub_dataset_streams_its_data_files_through_fsspec(shapes, shard_dir, monkeypatch):
+    """A hub dataset in streaming mode: its data files (hf:// URLs there; file:// URLs here, offline) are read
+    through fsspec, not downloaded whole."""
+    import datasets
+
+    urls = [f"file://{p}" for p in sorted(shard_dir.glob("*.tar"))]
+
+    class Builder:  # what load_dataset_builder resolves for a dataset stored as WebDataset tars
+        config = type("Config", (), {"data_files": {"train": urls}})
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: Builder)
+    assert sh.shard_files("someone/shapes", streaming=True) == urls
+    shards = sh.open_shards("someone/shapes", streaming=True)
+    assert shards.samples == 32 and shards.root is None
+    seen = [rid for batch in _epoch(_stream(shards, batch=5), 0) for rid in batch["row_ids"]]
+    assert sorted(int(r.rsplit(":", 1)[1]) for r in seen) == list(range(32))
+    with pytest.raises(ValueError, match="no data files for split 'test'"):
+        sh.open_shards("someone/shapes", streaming=True, split="test")

@@ -161,6 +161,18 @@ def test_streaming_cache_trains_like_the_images_it_was_made_from(sd15, shard_dir
     torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(images.losses), rtol=1e-5, atol=0)
 
 
+def test_streaming_sdxl_cache_keeps_pooled_embeddings_and_size_conditioning(sdxl, shapes, shard_dir, tmp_path):
+    from controlnext.cli import main
+
+    cache = tmp_path / "sdxl-cache"
+    assert main(["make-shards", str(shapes), str(cache), "--samples-per-shard", "7", "--cache-latents", "--base",
+                 str(sdxl), "--resolution", "64", "--cpu"]) == 0  # fmt: skip
+    common = ["--center-crop", "--caption-dropout", "0.5", "--max-train-steps", "2"]
+    images = train(parse_train_args(_args(sdxl, shard_dir, tmp_path / "images", *common)))
+    cached = train(parse_train_args(_args(sdxl, cache, tmp_path / "cached", *common)))
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(images.losses), rtol=1e-5, atol=0)
+
+
 def test_streaming_cache_of_another_encoder_resolution_or_dtype_is_refused(sd15, cache_dir, tmp_path):
     from controlnext.training.base import load_base_model
     from controlnext.training.cache import check_cache
