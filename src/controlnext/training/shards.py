@@ -653,12 +653,13 @@ class ShardStream:
         self.settings = settings
         self.num_workers = num_workers
         self.dataset = _ShardDataset(shards, settings, rank, world, max(1, num_workers), **dataset_kw)
+        self._len = self.dataset.plan(0)[0]  # the same every epoch
         self.epoch = 0
         self.batches = 0  # batches of this epoch received
         self.positions: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
-        return self.dataset.plan(0)[0]
+        return self._len
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
