@@ -268,7 +268,7 @@ class TrainConfig:
         need(bool(self.dataset), "--dataset is required (a local folder/file or a hub dataset id).")
         if is_local_path(self.pretrained_model):  # a mistyped path is named here, not sent to the hub
             require_model_source(self.pretrained_model, "--model")
-        if not any(c in self.dataset for c in "{*?["):  # a shard pattern names files, not one path
+        if not any(c in self.dataset for c in "{*?[") and "://" not in self.dataset:  # shard patterns and URLs
             require_dataset_source(self.dataset, "--dataset")
         known = ["auto", *_image_families()]
         need(self.family in known, f"--family must be one of {', '.join(known)}; got {self.family!r}.")
