@@ -121,6 +121,10 @@ def test_shards_position_restores_exactly_at_every_batch(shard_dir, workers):
         resumed = _stream(shards, 1, world=2, workers=workers)
         resumed.load_state_dict(state)
         assert head + [b["row_ids"] for b in _epoch(resumed, 5)] == full
+    moved = _stream(shards, 1, world=2, workers=workers)
+    moved.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"position is in epoch 5 .* but training continues with epoch 6"):
+        moved.set_epoch(6)
     with pytest.raises(ValueError, match=r"processes: 2 -> 4.*resume with the same number of processes"):
         _stream(shards, 1, world=4, workers=workers).load_state_dict(state)
     with pytest.raises(ValueError, match=r"workers: \d -> 3"):

@@ -662,7 +662,14 @@ class ShardStream:
         return self._len
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; a position restored inside another epoch is an error (it would be dropped)."""
         if epoch != self.epoch:
+            if 0 < self.batches < len(self):
+                raise ValueError(
+                    f"The streaming data position is in epoch {self.epoch} (batch {self.batches} of {len(self)}) but "
+                    f"training continues with epoch {epoch}: the checkpoint was written with other settings (e.g. "
+                    "--gradient-accumulation-steps); resume with the same ones."
+                )
             self.epoch, self.batches, self.positions = epoch, 0, {}
 
     def __iter__(self) -> Iterator[dict]:
