@@ -219,6 +219,10 @@ def test_shards_make_and_check_commands(shapes, tmp_path, capsys):
     assert main(["make-shards", str(source), str(out), "--samples-per-shard", "10"]) == 0
     text = capsys.readouterr().out
     assert "wrote 31 samples in 4 shard(s)" in text and "1 bad row(s) skipped" in text and "0003.png" in text
+    # Rows read ahead by 8 threads are written in order: the same bytes as one at a time.
+    _write(source, tmp_path / "sequential", 10)
+    for name in ("shard-000000.tar", "shard-000003.tar", sh.INDEX_FILE):
+        assert (out / name).read_bytes() == (tmp_path / "sequential" / name).read_bytes()
     assert main(["check-shards", str(out), "--json", str(tmp_path / "report.json")]) == 0
     text = capsys.readouterr().out
     assert "31 samples, 31 usable, 0 unusable" in text and "shard-000003.tar: 1 samples" in text

@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("source", help="the dataset to convert")
     p.add_argument("out", help="output folder (created; must hold no shards yet)")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar file (default: 1000)")
+    p.add_argument("--workers", type=int, default=8,
+                   help="threads reading rows ahead (default: 8; the cache encodes in this process)")  # fmt: skip
     _data_arguments(p)
     cache = p.add_argument_group("latent and text-embedding cache")
     cache.add_argument("--cache-latents", action="store_true",
@@ -73,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
         columns, encode = dict(CACHE_COLUMNS), builder.members
         print(f"cache: {builder.base.family} encoders of {args.base} in {cache['vae']['dtype']} at "
               f"{builder.resolution} px")  # fmt: skip
-    index = write_shards([lambda i=i: encode(source.raw(i)) for i in scan.good], out, len(scan.good),
-                         args.samples_per_shard, cache=cache, columns=columns)  # fmt: skip
+    index = write_shards((lambda i=i: encode(source.raw(i)) for i in scan.good), out, len(scan.good),
+                         args.samples_per_shard, cache=cache, columns=columns,
+                         workers=1 if args.cache_latents else args.workers)  # fmt: skip
     bad = scan.bad + index["bad_rows"]
     for row_id, why in bad[:20]:
         print(f"  skipped row {row_id}: {why}")

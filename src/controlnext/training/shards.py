@@ -791,12 +791,14 @@ def write_shards(
     cache: dict | None = None,
     progress: bool = True,
     columns: dict | None = None,
+    workers: int = 1,
 ) -> dict:
     """Write rows (each a ``members()`` callable) as WebDataset tar shards ``shard-NNNNNN.tar`` plus ``shards.json``.
 
     ``members()`` returns the row's tar members or raises :class:`BadRowError` (the row is then skipped and listed in
     the returned summary). Shards are written under a temporary name and renamed when complete, with fixed member
-    times, so the same rows give the same bytes. Returns the index written (with ``bad_rows`` added).
+    times, so the same rows give the same bytes. ``workers`` threads run ``members()`` ahead (reading files); the
+    rows are written in their order. Returns the index written (with ``bad_rows`` added).
     """
     import webdataset as wds
     from tqdm.auto import tqdm
@@ -824,9 +826,9 @@ def write_shards(
         state.update(writer=None, file=None, count=0)
 
     written = 0
-    for members in tqdm(rows, total=total, desc="make-shards", unit="sample", disable=not progress):
+    for result in tqdm(_ahead(rows, workers), total=total, desc="make-shards", unit="sample", disable=not progress):
         try:
-            data = members()
+            data = result()
         except BadRowError as err:
             bad.append((err.row_id, err.reason))
             continue
@@ -846,6 +848,23 @@ def write_shards(
              "shards": entries, "cache": cache}  # fmt: skip
     write_text_atomic(out / INDEX_FILE, json.dumps(index, indent=1) + "\n")
     return {**index, "bad_rows": bad}
+
+
+def _ahead(calls: Iterable[Callable[[], Any]], workers: int) -> Iterator[Callable[[], Any]]:
+    """The calls' results in order (each as a callable that returns or raises), up to ``4 x workers`` run ahead."""
+    if workers <= 1:
+        yield from calls
+        return
+    from collections import deque
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        window: deque = deque()
+        for call in calls:
+            window.append(pool.submit(call))
+            if len(window) >= 4 * workers:
+                yield window.popleft().result
+        while window:
+            yield window.popleft().result
 
 
 def check_shards(shards: ShardSet, verify: Callable[[RawRow], None] | None = None, progress: bool = True,
