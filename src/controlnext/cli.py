@@ -20,6 +20,8 @@ COMMANDS = {
     "demo": "demo",
     "eval": "evaluate",
     "make-dataset": "make_dataset",
+    "make-shards": "make_shards",
+    "check-shards": "check_shards",
     "bench": "bench",
     "video": "video",
     "web": "web",

@@ -117,7 +117,8 @@ class TrainConfig:
     # data
     dataset: str = option(
         "",
-        help="imagefolder with metadata.jsonl/csv, saved dataset, .parquet file/folder, or hub dataset id.",
+        help="imagefolder with metadata.jsonl/csv, saved dataset, .parquet file/folder, hub dataset id, or a shard "
+        "set to stream: a folder of .tar shards, a brace or glob pattern of .tar/.parquet files.",
         flags=("--dataset", "--dataset-name", "--train-data-dir"),
         required=True,
         group=DATA,
@@ -162,6 +163,14 @@ class TrainConfig:
         None, help="Use only the first N rows (debugging).", default_text="all rows", group=DATA
     )
     dataloader_num_workers: int = shared("dataloader_num_workers", 0)
+    streaming: bool = option(
+        False,
+        help="Stream parquet files or a hub dataset as shards, without a scan up front (.tar shard sets always "
+        "stream).",
+        group=DATA,
+    )
+    shuffle_buffer: int = option(1000, help="Samples in each data-loader worker's shuffle buffer (streaming).",
+                                 group=DATA)  # fmt: skip
     # optimisation
     seed: int = shared("seed", 0)
     train_batch_size: int = shared("train_batch_size", 4)
@@ -276,7 +285,8 @@ class TrainConfig:
         need(bool(self.dataset), "--dataset is required (a local folder/file or a hub dataset id).")
         if is_local_path(self.pretrained_model):  # a mistyped path is named here, not sent to the hub
             require_model_source(self.pretrained_model, "--model")
-        require_dataset_source(self.dataset, "--dataset")
+        if not any(c in self.dataset for c in "{*?[") and "://" not in self.dataset:  # shard patterns and URLs
+            require_dataset_source(self.dataset, "--dataset")
         known = ["auto", *_image_families()]
         need(self.family in known, f"--family must be one of {', '.join(known)}; got {self.family!r}.")
         need(
@@ -327,6 +337,7 @@ class TrainConfig:
         ):
             need(value >= 1, f"{flag} must be >= 1, got {value}.")
         need(self.dataloader_num_workers >= 0, "--dataloader-num-workers must be >= 0.")
+        need(self.shuffle_buffer >= 1, f"--shuffle-buffer must be >= 1, got {self.shuffle_buffer}.")
         need(self.lr_warmup_steps >= 0, f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}.")
         need(
             self.max_train_samples is None or self.max_train_samples >= 1,

@@ -43,6 +43,7 @@ __all__ = [
     "ScanReport",
     "bucket_sizes",
     "collate",
+    "load_sample",
     "open_source",
     "scan_rows",
 ]
@@ -529,41 +530,59 @@ class ControlDataset(torch.utils.data.Dataset):
 
     def _load(self, epoch: int, pos: int) -> dict:
         index = self.rows[pos]
-        raw = self.source.raw(index)
-        image = _decode(raw.image, "image", raw.row_id)
-        cond = _decode(raw.condition, "condition", raw.row_id)
-        if image.size != cond.size:
-            raise BadRowError(
-                raw.row_id, f"image is {image.size[0]}x{image.size[1]} but condition is {cond.size[0]}x{cond.size[1]}"
-            )
-        _caption_ok(raw.caption, raw.row_id)
-        rng = np.random.default_rng([self.seed, epoch, index])
-        tw, th = self.bucket_dims[self.bucket_of[pos]]
-        w, h = image.size
-        scale = max(tw / w, th / h)
-        rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
-        if self.center_crop:
-            left, top = (rw - tw) // 2, (rh - th) // 2
-        else:
-            left, top = int(rng.integers(0, rw - tw + 1)), int(rng.integers(0, rh - th + 1))
-        flip = bool(self.random_flip and rng.random() < 0.5)
+        size = self.bucket_dims[self.bucket_of[pos]]
+        return load_sample(self.source.raw(index), epoch, index, size, self.seed, self.center_crop, self.random_flip,
+                           self.caption_dropout)  # fmt: skip
 
-        def transform(img: Image.Image) -> Image.Image:  # identical geometry for image and condition
-            if (rw, rh) != img.size:
-                img = img.resize((rw, rh), Image.Resampling.BILINEAR)
-            img = img.crop((left, top, left + tw, top + th))
-            return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
 
-        pixels = torch.from_numpy(np.asarray(transform(image), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-        condition = torch.from_numpy(np.asarray(transform(cond), dtype=np.float32)).permute(2, 0, 1) / 255.0
-        caption = raw.caption
-        if isinstance(caption, (list, tuple)):
-            caption = caption[int(rng.integers(0, len(caption)))]
-        caption = caption or ""
-        if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
-            caption = ""
-        time_ids = torch.tensor([h, w, top, left, th, tw], dtype=torch.float32)  # SDXL micro-conditioning
-        return dict(pixel_values=pixels, conditioning=condition, caption=caption, time_ids=time_ids, row_id=raw.row_id)
+def load_sample(
+    raw: RawRow,
+    epoch: int,
+    index: int,
+    size: tuple[int, int],
+    seed: int,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    caption_dropout: float = 0.0,
+) -> dict:
+    """Decode and augment one row to ``size`` (width, height); the randomness is a function of (seed, epoch, index).
+
+    Raises :class:`BadRowError` for a row that cannot be decoded (shared by the map-style and streaming datasets).
+    """
+    image = _decode(raw.image, "image", raw.row_id)
+    cond = _decode(raw.condition, "condition", raw.row_id)
+    if image.size != cond.size:
+        raise BadRowError(
+            raw.row_id, f"image is {image.size[0]}x{image.size[1]} but condition is {cond.size[0]}x{cond.size[1]}"
+        )
+    _caption_ok(raw.caption, raw.row_id)
+    rng = np.random.default_rng([seed, epoch, index])
+    tw, th = size
+    w, h = image.size
+    scale = max(tw / w, th / h)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    if center_crop:
+        left, top = (rw - tw) // 2, (rh - th) // 2
+    else:
+        left, top = int(rng.integers(0, rw - tw + 1)), int(rng.integers(0, rh - th + 1))
+    flip = bool(random_flip and rng.random() < 0.5)
+
+    def transform(img: Image.Image) -> Image.Image:  # identical geometry for image and condition
+        if (rw, rh) != img.size:
+            img = img.resize((rw, rh), Image.Resampling.BILINEAR)
+        img = img.crop((left, top, left + tw, top + th))
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
+
+    pixels = torch.from_numpy(np.asarray(transform(image), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    condition = torch.from_numpy(np.asarray(transform(cond), dtype=np.float32)).permute(2, 0, 1) / 255.0
+    caption = raw.caption
+    if isinstance(caption, (list, tuple)):
+        caption = caption[int(rng.integers(0, len(caption)))]
+    caption = caption or ""
+    if caption_dropout > 0 and rng.random() < caption_dropout:
+        caption = ""
+    time_ids = torch.tensor([h, w, top, left, th, tw], dtype=torch.float32)  # SDXL micro-conditioning
+    return dict(pixel_values=pixels, conditioning=condition, caption=caption, time_ids=time_ids, row_id=raw.row_id)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -34,6 +34,7 @@ from ..families import get_family
 from ..inject import injection_channels
 from ..models.controlnext import ControlNeXtModel
 from .base import BaseModel, PromptEncoder, load_base_model
+from .cache import LatentDist, cached_prompts
 from .checkpoint import (
     check_resume_settings,
     lock_output_dir,
@@ -48,6 +49,7 @@ from .data import ColumnNames, ControlDataset, EpochBatchSampler, bucket_sizes, 
 from .export import export_outputs, write_model_card
 from .guards import check_loss, check_mixed_precision, check_weights, warn_non_finite
 from .objectives import ddpm_inputs, ddpm_loss
+from .shards import open_stream
 from .trainable import (
     TrainableSet,
     apply_trainable,
@@ -314,44 +316,57 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         base.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
 
     # ---- data
-    source = open_source(
-        cfg.dataset,
-        ColumnNames(cfg.image_column, cfg.condition_column, cfg.caption_column),
-        cfg.dataset_split,
-        cfg.dataset_config,
-        cfg.cache_dir,
-    )
-    scan = _on_main(  # the rows are checked once
-        accelerator,
-        lambda: scan_rows(source, cfg.on_bad_row, check=cfg.check_data or cfg.bucketing, limit=cfg.max_train_samples),
-    )
-    say(f"data: {source.description}: {len(scan.good)} usable rows" + (f", {len(scan.bad)} bad" if scan.bad else ""))
-    if scan.bad and main:
-        print(scan.summary())
-    buckets = bucket_sizes(resolution, cfg.bucket_step) if cfg.bucketing else None
-    dataset = ControlDataset(
-        source,
-        scan,
-        resolution,
-        buckets,
-        cfg.center_crop,
-        cfg.random_flip,
-        cfg.caption_dropout,
-        cfg.seed,
-        cfg.on_bad_row,
-    )
-    sampler = EpochBatchSampler(dataset.groups, cfg.train_batch_size, cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=cfg.dataloader_num_workers,
-        persistent_workers=cfg.dataloader_num_workers > 0,
-    )
+    # [streaming] a shard set is streamed (training/shards.py): each process reads its own shards
+    stream = open_stream(cfg, accelerator.process_index, accelerator.num_processes, resolution,
+                         lambda work: _on_main(accelerator, work), base)  # fmt: skip
+    if stream is not None:  # [streaming]
+        scan = stream.shards.scan_report()
+        say(f"data: {stream.shards.description}: {scan.good.stop} samples in {len(stream.shards.shards)} shards, "
+            "streamed")  # fmt: skip
+        if scan.bad and main:
+            print(scan.summary())
+        loader = sampler = stream
+    else:  # [streaming] the map-style path, unchanged
+        source = open_source(
+            cfg.dataset,
+            ColumnNames(cfg.image_column, cfg.condition_column, cfg.caption_column),
+            cfg.dataset_split,
+            cfg.dataset_config,
+            cfg.cache_dir,
+        )
+        scan = _on_main(  # the rows are checked once
+            accelerator,
+            lambda: scan_rows(source, cfg.on_bad_row, check=cfg.check_data or cfg.bucketing,
+                              limit=cfg.max_train_samples),  # fmt: skip
+        )
+        say(f"data: {source.description}: {len(scan.good)} usable rows"
+            + (f", {len(scan.bad)} bad" if scan.bad else ""))  # fmt: skip
+        if scan.bad and main:
+            print(scan.summary())
+        buckets = bucket_sizes(resolution, cfg.bucket_step) if cfg.bucketing else None
+        dataset = ControlDataset(
+            source,
+            scan,
+            resolution,
+            buckets,
+            cfg.center_crop,
+            cfg.random_flip,
+            cfg.caption_dropout,
+            cfg.seed,
+            cfg.on_bad_row,
+        )
+        sampler = EpochBatchSampler(dataset.groups, cfg.train_batch_size, cfg.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=cfg.dataloader_num_workers,
+            persistent_workers=cfg.dataloader_num_workers > 0,
+        )
 
     # ---- schedule
     procs = accelerator.num_processes
-    batches_per_process = math.ceil(len(sampler) / procs)
+    batches_per_process = len(stream) if stream is not None else math.ceil(len(sampler) / procs)  # [streaming]
     updates_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
@@ -368,7 +383,10 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         power=cfg.lr_power,
     )
     model = ControlledBackbone(unet, controlnext)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if stream is not None:  # [streaming] not re-split or dispatched by accelerate: each process has its own shards
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    else:
+        model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     trained_params = [p for g in groups for p in g["params"]]
     sharded = _sharded(accelerator)
     if cfg.use_ema and sharded:
@@ -404,6 +422,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         else:
             weights.pop()  # the full UNet is frozen: store only what is trained
             trainable_file = TRAINABLE_FILE
+        if stream is not None:  # [streaming] this process's data position, data_state.rank{R}.json
+            stream.save(Path(out_dir), accelerator.process_index)
         if not main:
             return
         out = Path(out_dir)
@@ -450,6 +470,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
                 p.data.copy_(shadow[f"{i}"].to(p.device))
             ema.optimization_step = int(state["ema"]["optimization_step"])
         run.global_step = int(state["global_step"])
+        if stream is not None:  # [streaming]
+            stream.restore(in_dir, accelerator.process_index)
         run.losses = [tuple(x) for x in state.get("losses", [])]
         check_resume_settings(in_dir, state.get("resume_key", {}), run.resume_key, cfg.allow_changed_settings, main)
 
@@ -482,11 +504,13 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     ema_params = trained_params
 
     def loss_for(batch: dict, step: int, micro: int) -> torch.Tensor:
-        pixels = batch["pixel_values"].to(device=device, dtype=base.vae.dtype)
-        bsz = pixels.shape[0]
+        bsz = len(batch["row_ids"])
         gens = sample_generators(cfg.seed, step, micro, accelerator.process_index * cfg.train_batch_size, bsz)
         with torch.no_grad():
-            dist = base.vae.encode(pixels).latent_dist
+            if "latent_mean" in batch:  # [cache] the VAE posterior precomputed by make-shards --cache-latents
+                dist = LatentDist(*(batch[k].to(device, base.vae.dtype) for k in ("latent_mean", "latent_std")))
+            else:
+                dist = base.vae.encode(batch["pixel_values"].to(device=device, dtype=base.vae.dtype)).latent_dist
             latents = dist.mean + dist.std * randn(tuple(dist.mean.shape[1:]), gens, device, dist.mean.dtype)
             latents = ((latents - shift) * sf).to(weight_dtype)
         noise = randn(tuple(latents.shape[1:]), gens, device, latents.dtype)
@@ -494,7 +518,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             noise = noise + cfg.noise_offset * randn((latents.shape[1], 1, 1), gens, device, latents.dtype)
         timesteps = torch.stack([torch.randint(0, num_t, (), generator=g) for g in gens]).to(device)
         noisy, target = ddpm_inputs(noise_scheduler, latents, noise, timesteps, prediction_type)
-        embeds, pooled = prompts(batch["captions"])
+        embeds, pooled = cached_prompts(batch) if "prompt_embeds" in batch else prompts(batch["captions"])  # [cache]
         added = fam.added_conditioning(pooled, batch["time_ids"].to(device=device, dtype=weight_dtype))
         pred = model(noisy, timesteps, encoder_hidden_states=embeds, condition=batch["conditioning"].to(device),
                      added_cond_kwargs=added)  # fmt: skip
@@ -529,7 +553,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             if done:
                 break
             batches = loader
-            if epoch == first_epoch and skip_batches:
+            if epoch == first_epoch and skip_batches and stream is None:  # [streaming] the stream resumes itself
                 batches = accelerator.skip_first_batches(loader, skip_batches)
             # accelerate's loader re-sets its sampler's epoch to its own iteration count when iterated; align both.
             batches.set_epoch(epoch)
