@@ -86,6 +86,8 @@ _LAZY = {
     "_ControlNetRow": "rows",
     "_Inputs": "models",
     "_Row": "rows",
+    "_TransformerControlNetRow": "rows",
+    "controlnet_row": "rows",
     "_bracket_hooks": "rows",
     "_compiled_rounds": "runner",
     "_count": "rows",
