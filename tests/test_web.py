@@ -962,3 +962,17 @@ def test_transformer_models_generate_through_the_app(tiny_dit_models, tmp_path, 
                                       upload=str(cond), negative="blurry", guidance=3.5, seed=4)  # fmt: skip
         assert read_settings(files[0])["negative_prompt"] == "blurry"
         assert np.abs(first - np.asarray(Image.open(files[0]), int)).mean() > 0  # the negative prompt is used
+
+
+def test_a_flux_module_on_an_sd3_base_is_one_clear_message(tiny_dit_models, tmp_path):
+    import gradio as gr
+
+    from controlnext.web.app import App, WebConfig
+
+    sd3, flux = tiny_dit_models["sd3"], tiny_dit_models["flux"]
+    mixed = ModelSpec("mixed", sd3.base, flux.controlnext, preprocessor="none", width=64, height=64, steps=2)
+    app = App(WebConfig(models=[mixed], outputs=tmp_path / "out"))
+    with pytest.raises(gr.Error, match=r"'flux' module \(for flux transformers\) but the transformer is sd3"):
+        _on_generate(app, preset="mixed", base=sd3.base, control=flux.controlnext,
+                     upload=str(_condition_file(tmp_path)))  # fmt: skip
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.png"))

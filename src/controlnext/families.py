@@ -526,6 +526,11 @@ def _flux_latent_grid(sample: torch.Tensor, kwargs: Mapping[str, Any]) -> tuple[
     if ids is None:
         raise ValueError("The Flux transformer must be called with img_ids= (keyword) for ControlNeXt control.")
     ids = ids.reshape(-1, ids.shape[-1])
+    if ids.shape[0] == 0:  # FluxPipeline rounds sizes down to whole 16-pixel patches: below one, no token is left
+        raise ValueError(
+            "The Flux call has no image tokens: height and width must each be at least one patch (16 pixels for the "
+            "published VAE); FluxPipeline rounds them down to multiples of 16."
+        )
     rows, cols = (int(v) + 1 for v in ids[:, 1:3].amax(dim=0).tolist())  # one host read per call
     if rows * cols != sample.shape[1]:
         raise ValueError(

@@ -125,11 +125,12 @@ PRESETS: dict[str, Preset] = {
             DIT_ROWS,
             repeats=3,
             text_tokens=FLUX_TEXT_TOKENS,
-            # Every depth divided by 4.75 (19 -> 4 double, 38 -> 8 single; the ControlNet's 5 + 10 -> 1 + 2), so
-            # the rows keep their full-size proportions while the base fits a CPU's memory and time.
-            base_config=(("num_layers", 4), ("num_single_layers", 8)),
-            controlnet_config=(("num_layers", 1), ("num_single_layers", 2), ("num_mode", 10)),
-            description="Flux.1-dev width, 4 of 19 double + 8 of 38 single blocks (ControlNet 1 + 2 of its 5 + 10), "
+            # Every depth divided by 3.8 (19 -> 5 double, 38 -> 10 single; the ControlNet's 5 + 10 -> 1 + 3, rounded),
+            # so the rows keep about their full-size proportions while the base fits a CPU's memory and time; 5
+            # double blocks keep the default injection point (after block 4).
+            base_config=(("num_layers", 5), ("num_single_layers", 10)),
+            controlnet_config=(("num_layers", 1), ("num_single_layers", 3), ("num_mode", 10)),
+            description="Flux.1-dev width, 5 of 19 double + 10 of 38 single blocks (ControlNet 1 + 3 of its 5 + 10), "
             "CPU-sized",
         ),
         Preset(
