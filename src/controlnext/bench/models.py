@@ -73,9 +73,9 @@ def build_controlnext(preset: Preset, row: str, unet: nn.Module, dtype: torch.dt
     def make() -> nn.Module:
         if _is_transformer(preset.family):  # the token layout, at the transformer's width
             width = unet.config.num_attention_heads * unet.config.attention_head_dim
-            return tiny_controlnext(variant, out_channels=width) if preset.tiny else ControlNeXtModel.from_variant(
-                variant, out_channels=width
-            )
+            if preset.tiny:
+                return tiny_controlnext(variant, out_channels=width)
+            return ControlNeXtModel.from_variant(variant, out_channels=width)
         if preset.tiny:
             chans = unet.config.block_out_channels
             return tiny_controlnext(variant, out_channels=chans[-1] if variant == "sd15" else chans[0])
@@ -146,19 +146,23 @@ def make_inputs(
             return torch.empty(*shape, device=device, dtype=dtype)
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
+    def image() -> torch.Tensor:  # the condition, in [0, 1] (drawn after a normal draw, as it always was)
+        condition = randn(1, 3, resolution, resolution)
+        if device.type != "meta":
+            condition = torch.rand(1, 3, resolution, resolution, generator=g).to(device=device, dtype=dtype)
+        return condition
+
     lat = resolution // 8
     cfg = unet.config
-    condition = randn(1, 3, resolution, resolution)
-    if device.type != "meta":
-        condition = torch.rand(1, 3, resolution, resolution, generator=g).to(device=device, dtype=dtype)
     family = detect_family(unet)
     if _is_transformer(family):
-        return _transformer_inputs(unet, family, lat, batch, randn, condition, text_tokens or TEXT_TOKENS)
+        return _transformer_inputs(unet, family, lat, batch, randn, image(), text_tokens or TEXT_TOKENS)
     added = None
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype)
         added = {"text_embeds": randn(batch, pooled), "time_ids": ids.to(device)}
+    condition = image()
     timesteps = torch.linspace(999, 1, SCHEDULE_STEPS).round().long().to(device)
     return _Inputs(
         latents=randn(batch, cfg.in_channels, lat, lat),
