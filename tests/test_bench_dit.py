@@ -16,6 +16,10 @@ from controlnext.cli import main
 
 GOAL_FLOPS = 0.02  # ControlNeXt's per-step FLOP overhead vs the base
 GOAL_PARAMS = 0.01  # ControlNeXt's added parameters vs the ControlNet row's
+FULL_SIZE = ("sd3-1024", "sd35-large-1024", "flux-1024")
+# Parameters of the published transformers (independent of this code), and how exactly they are known: SD3-medium
+# 2,028,328,000 and Flux.1-dev 11,901,408,320; SD3.5-large "8.1B" (its model card).
+PUBLISHED = {"sd3-1024": (2_028_328_000, 0), "sd35-large-1024": (8.1e9, 0.01), "flux-1024": (11_901_408_320, 0)}
 
 
 def _bench(*args: str) -> tuple[dict, str]:
@@ -32,8 +36,8 @@ def _rows(data: dict) -> dict[tuple[str, bool], dict]:
 
 @pytest.fixture(scope="module")
 def full_size() -> dict[str, dict]:
-    """Both full-size presets, FLOPs and parameters only (meta device: nothing is allocated)."""
-    return {preset: _bench("--preset", preset, "--flops-only") for preset in ("sd3-1024", "flux-1024")}
+    """The full-size presets, FLOPs and parameters only (meta device: nothing is allocated)."""
+    return {preset: _bench("--preset", preset, "--flops-only") for preset in FULL_SIZE}
 
 
 def test_flux_flops_only_json_is_the_last_line_and_has_the_row_format(full_size):
@@ -51,17 +55,17 @@ def test_flux_flops_only_json_is_the_last_line_and_has_the_row_format(full_size)
     assert data["command"] == "controlnext bench --preset flux-1024 --flops-only"
 
 
-@pytest.mark.parametrize("preset, modes", [("sd3-1024", (False, True)), ("flux-1024", (False,))])
+@pytest.mark.parametrize(
+    "preset, modes", [("sd3-1024", (False, True)), ("sd35-large-1024", (False, True)), ("flux-1024", (False,))]
+)
 def test_full_size_rows_and_architectures(full_size, preset, modes):
     rows = _rows(full_size[preset][0])
     assert set(rows) == {(n, g) for n in ("base", "controlnext", "controlnet") for g in modes}
     for (_, cfg), r in rows.items():
         assert r["batch"] == (2 if cfg else 1) and r["flops_per_step"] > 0
-    # Sizes of the published checkpoints (independent of this code): SD3-medium's transformer has 2,028,328,000
-    # parameters and Flux.1-dev's 11,901,408,320.
     model = build_unet(PRESETS[preset], torch.device("meta"), torch.float32)
-    published = {"sd3-1024": 2_028_328_000, "flux-1024": 11_901_408_320}[preset]
-    assert sum(p.numel() for p in model.parameters()) == published
+    published, rel = PUBLISHED[preset]
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(published, rel=rel, abs=0)
     controlnet = build_controlnet(model, torch.float32, PRESETS[preset])
     expected = dict(PRESETS[preset].controlnet_config)
     assert {k: controlnet.config[k] for k in expected} == expected
@@ -75,16 +79,20 @@ def test_full_size_rows_and_architectures(full_size, preset, modes):
     assert controlnet.config.num_attention_heads * controlnet.config.attention_head_dim == width
 
 
-@pytest.mark.parametrize("preset", ["sd3-1024", "flux-1024"])
+@pytest.mark.parametrize("preset", FULL_SIZE)
 def test_controlnext_adds_at_most_one_percent_of_the_controlnet_parameters(full_size, preset):
     rows = _rows(full_size[preset][0])
     ours, theirs = rows[("controlnext", False)]["added_params"], rows[("controlnet", False)]["added_params"]
     assert 0 < ours <= GOAL_PARAMS * theirs
 
 
-@pytest.mark.parametrize("preset, cfg", [("sd3-1024", True), ("flux-1024", False)])
+@pytest.mark.parametrize(
+    "preset, cfg",
+    [("sd3-1024", True), ("sd35-large-1024", True), ("sd35-large-1024", False), ("flux-1024", False)],
+)
 def test_controlnext_flop_overhead_at_most_two_percent(full_size, preset, cfg):
-    """With the guidance each family's pipeline uses by default (SD3: CFG batch; Flux-dev: distilled, none)."""
+    """With the guidance each family's pipeline uses by default (SD3: CFG batch; Flux-dev: distilled, none), and on
+    SD3.5-large without guidance too. SD3-medium without guidance is the one case above 2% (docs/benchmarks.md)."""
     rows = _rows(full_size[preset][0])
     base, ours = rows[("base", cfg)]["flops_per_step"], rows[("controlnext", cfg)]["flops_per_step"]
     assert 0 < ours / base - 1 <= GOAL_FLOPS

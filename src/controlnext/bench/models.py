@@ -101,7 +101,14 @@ def build_controlnet(unet: nn.Module, dtype: torch.dtype, preset: Preset | None 
         accepted = set(inspect.signature(cls.__init__).parameters)
         config = {k: v for k, v in dict(unet.config).items() if k in accepted}
         config.update(preset.controlnet_config)
-        return build_random(lambda: cls(**config), device, dtype)
+
+        def make() -> nn.Module:
+            net = cls(**config)
+            if config.get("use_pos_embed", True) is False:  # SD3.5's ControlNets: the pipeline gives them this copy
+                net.pos_embed = net._get_pos_embed_from_transformer(unet)
+            return net
+
+        return build_random(make, device, dtype)
     return build_random(lambda: ControlNetModel.from_unet(unet), device, dtype)
 
 

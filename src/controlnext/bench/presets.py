@@ -36,6 +36,17 @@ FLUX_TEXT_TOKENS = 512
 # (their config.json): InstantX/SD3-Controlnet-Canny (SD3-medium), and InstantX/FLUX.1-dev-Controlnet-Union (5 double-
 # and 10 single-stream blocks, 10 control modes; the Shakker-Labs Union-Pro continues it).
 SD3_CONTROLNET = (("num_layers", 6),)
+# SD3.5-large (stabilityai/stable-diffusion-3.5-large transformer/config.json: 38 joint blocks, 38 heads x 64, RMS
+# query-key norm) on top of SD3-medium's config, and Stability AI's SD3.5-large ControlNets (canny, depth, blur): 19
+# layers without a text stream, sharing the transformer's patch embedding, as diffusers'
+# scripts/convert_sd3_controlnet_to_diffusers.py builds them.
+SD35_LARGE = (
+    ("num_layers", 38), ("num_attention_heads", 38), ("caption_projection_dim", 2432), ("qk_norm", "rms_norm"),
+)  # fmt: skip
+SD35_CONTROLNET = (
+    ("num_layers", 19), ("joint_attention_dim", None), ("caption_projection_dim", 2048), ("pos_embed_max_size", None),
+    ("pos_embed_type", None), ("use_pos_embed", False), ("force_zeros_for_pooled_projection", False), ("qk_norm", None),
+)  # fmt: skip
 FLUX_CONTROLNET = (("num_layers", 5), ("num_single_layers", 10), ("num_mode", 10))
 
 
@@ -96,6 +107,18 @@ PRESETS: dict[str, Preset] = {
             text_tokens=SD3_TEXT_TOKENS,
             controlnet_config=SD3_CONTROLNET,
             description="SD3-medium transformer (2B; ControlNet: 6 layers, as InstantX/SD3-Controlnet-Canny)",
+        ),
+        Preset(
+            "sd35-large-1024",
+            "sd3",
+            1024,
+            DIT_ROWS,
+            repeats=3,
+            text_tokens=SD3_TEXT_TOKENS,
+            base_config=SD35_LARGE,
+            controlnet_config=SD35_CONTROLNET,
+            description="SD3.5-large transformer (8.1B; ControlNet: 19 layers, as Stability AI's SD3.5-large "
+            "ControlNets)",
         ),
         Preset(
             "sd3-512",

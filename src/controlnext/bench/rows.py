@@ -185,6 +185,8 @@ class _TransformerControlNetRow(_ControlNetRow):
             )
             extra = {"controlnet_block_samples": double, "controlnet_single_block_samples": single}
         else:
+            if self.controlnet.context_embedder is None:  # SD3.5's ControlNets take no text stream (their pipeline)
+                kw = {**kw, "encoder_hidden_states": None}
             blocks = self.call_controlnet(**kw, controlnet_cond=self.image, conditioning_scale=1.0, return_dict=False)
             extra = {"block_controlnet_hidden_states": blocks[0]}
         self.control_cpu += time.process_time() - c0
