@@ -5,6 +5,7 @@ argument checks that are specific to them."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from controlnext.bench import PRESETS, BenchConfig, build_controlnet, build_unet
+from controlnext.bench.presets import SD35_CONTROLNET
 from controlnext.cli import main
 
 GOAL_FLOPS = 0.02  # ControlNeXt's per-step FLOP overhead vs the base
@@ -130,3 +132,79 @@ def test_flux_with_a_cfg_batch_is_a_clear_error(capsys):
     err = capsys.readouterr().err
     assert "guidance-distilled" in err and "--cfg off" in err and "Traceback" not in err
     assert BenchConfig(preset="flux-1024", guidance=(False, True)).resolved().guidance == (False,)
+
+
+# ---------------------------------------------------------------------------------------------- rows vs pipelines
+def _pipeline_step_flops(pipe, family: str, **extra) -> dict[str, int]:
+    """FLOPs per top-level module of one denoising step of a tiny stock or ControlNeXt pipeline at 64 px."""
+    from controlnext.bench import _flop_counter
+
+    with torch.inference_mode(), _flop_counter() as counter:
+        pipe("a red circle", control_image=torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+             height=64, width=64, num_inference_steps=1, guidance_scale=5.0 if family == "sd3" else 3.5,
+             max_sequence_length=16, output_type="latent", **extra)  # fmt: skip
+    return {k: sum(v.values()) for k, v in counter.get_flop_counts().items() if "." not in k}
+
+
+def _row_flops(row, model, family: str) -> tuple[int, int]:
+    """(per-generation, per-step) FLOPs of a bench row with the inputs a 64 px pipeline call makes."""
+    from controlnext.bench import _flop_counter, make_inputs
+
+    cfg = family == "sd3"
+    inputs = make_inputs(model, 64, 2 if cfg else 1, torch.float32, 0, text_tokens=77 + 16 if cfg else 16)
+    with torch.inference_mode():
+        with _flop_counter() as prepare:
+            row.begin(inputs, cfg)
+        with _flop_counter() as step:
+            row.step(0)
+        row.end()
+    return prepare.get_total_flops(), step.get_total_flops()
+
+
+# The tiny SD3 base with SD3.5's ControlNet layout (2 layers instead of 19).
+SD35_LIKE = dataclasses.replace(PRESETS["ci-sd3"], controlnet_config=tuple(dict(SD35_CONTROLNET, num_layers=2).items()))
+
+
+@pytest.mark.parametrize(
+    "family, preset",
+    [("sd3", PRESETS["ci-sd3"]), ("sd3", SD35_LIKE), ("flux", PRESETS["ci-flux"])],
+    ids=["sd3", "sd35-controlnet", "flux"],
+)
+def test_controlnet_row_costs_what_the_stock_controlnet_pipeline_step_costs(tmp_path, family, preset):
+    """The ControlNet row against diffusers' own StableDiffusion3ControlNetPipeline / FluxControlNetPipeline (one step,
+    CFG for SD3, a control mode for the Flux union layout): the ControlNet and transformer FLOPs agree exactly. With
+    SD3.5's ControlNet layout (no text stream, the transformer's patch embedding) as well."""
+    from diffusers import FluxControlNetPipeline, StableDiffusion3ControlNetPipeline
+
+    from controlnext.bench import controlnet_row
+    from controlnext.testing.models import tiny_dit_pipeline_components
+
+    comps = tiny_dit_pipeline_components(family, tmp_path)
+    model = comps["transformer"]
+    controlnet = build_controlnet(model, torch.float32, preset)
+    cls = StableDiffusion3ControlNetPipeline if family == "sd3" else FluxControlNetPipeline
+    pipe = cls(**comps, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    stock = _pipeline_step_flops(pipe, family, **({"control_mode": 0} if family == "flux" else {}))
+    prepare, step = _row_flops(controlnet_row(model, family, controlnet), model, family)
+    assert prepare == 0 and step == stock[type(model).__name__] + stock[type(controlnet).__name__]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_controlnext_row_costs_what_our_pipeline_step_costs(tmp_path, family):
+    """The ControlNeXt row against our pipeline's first step (which also encodes the timestep-independent prefix,
+    the row's per-generation work): the same FLOPs inside the transformer call."""
+    from controlnext.bench import build_controlnext
+    from controlnext.bench.rows import _ControlNeXtRow
+    from controlnext.pipelines import FluxControlNeXtPipeline, StableDiffusion3ControlNeXtPipeline
+    from controlnext.testing.models import tiny_dit_pipeline_components
+
+    comps = tiny_dit_pipeline_components(family, tmp_path)
+    model = comps["transformer"]
+    module = build_controlnext(PRESETS[f"ci-{family}"], "controlnext", model, torch.float32)
+    cls = StableDiffusion3ControlNeXtPipeline if family == "sd3" else FluxControlNeXtPipeline
+    pipe = cls(**comps, controlnext=module)
+    pipe.set_progress_bar_config(disable=True)
+    stock = _pipeline_step_flops(pipe, family)
+    prepare, step = _row_flops(_ControlNeXtRow(model, family, "controlnext", module), model, family)
+    assert prepare > 0 and prepare + step == stock[type(model).__name__]
