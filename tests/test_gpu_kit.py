@@ -55,7 +55,7 @@ def test_smoke_writes_json_and_table_for_every_part(smoke):
     for key in ("date", "machine", "torch", "diffusers", "python"):
         assert env.get(key), key
     assert env["torch"] == torch.__version__
-    assert [p["part"] for p in result["parts"]] == ["inference", "video", "training", "compile", "dit"]
+    assert [p["part"] for p in result["parts"]] == ["inference", "video", "training", "dit", "compile"]
     by_part: dict[str, list[dict]] = {}
     for r in result["records"]:
         by_part.setdefault(r["part"], []).append(r)
@@ -109,7 +109,20 @@ def test_smoke_writes_json_and_table_for_every_part(smoke):
         assert r["steps_per_second"] == pytest.approx(1 / r["step_s"]) and r["peak_bytes"] > 0
     assert train[1]["trained_params"] < train[2]["trained_params"]  # ControlNeXt trains far less than ControlNet
 
-    assert [r["status"] for r in by_part["dit"]] == ["not yet"]
+    # The transformer presets: SD3 with its CFG batch, Flux.1-dev (guidance-distilled) without, in bfloat16.
+    dit = by_part["dit"]
+    assert {(r["preset"], r["row"], r["cfg"], r["batch"]) for r in dit} == {
+        (p, row, cfg, 2 if cfg else 1)
+        for p, cfg in (("ci-sd3", True), ("ci-flux", False))
+        for row in ("base", "controlnext", "controlnet")
+    }
+    for r in dit:
+        assert r["status"] == "ok" and r["dtype"] == "bfloat16", r
+        assert r["step_s"] > 0 and r["peak_bytes"] > 0 and len(r["step_samples_s"]) == 4
+    assert {g["goal"] for g in result["goals"]} >= {
+        "ControlNeXt per-step overhead <= 2% of the base, ci-sd3 bfloat16",
+        "ControlNeXt per-step overhead <= 2% of the base, ci-flux bfloat16",
+    }
     assert {g["goal"].split(" (")[0] for g in result["goals"]} >= {
         "ControlNeXt per-step overhead <= 3% of the base, CFG, SDXL 1024 px fp16"
     }
@@ -135,7 +148,7 @@ def test_smoke_prints_the_table_last_and_writes_only_its_folder(smoke):
     assert re.search(r"\| [+-]\d+\.\d% \([+-]\d+\.\d% to [+-]\d+\.\d%\) \|", md)  # with the range over rounds
     assert "1 failed measurement(s); exit code 1." in md
     assert sorted(p.name for p in out.iterdir()) == ["logs", "parts", "raw", "results.json", "results.md"]
-    assert len(list((out / "raw").glob("*.json"))) == 5  # 3 eager runs + 2 compiled rows, every step time kept
+    assert len(list((out / "raw").glob("*.json"))) == 7  # 3 eager + 2 DiT runs + 2 compiled rows, every step time
     assert _git_status() == before  # nothing written into the repository
 
 

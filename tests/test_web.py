@@ -904,3 +904,75 @@ def test_video_tab_without_the_video_extra_says_what_to_install(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ValueError, match=r"DWPose needs the `video` extra.*onnxruntime.*controlnext\[video\]"):
         tab.pose_frames(str(tmp_path / "poses.mp4"), VideoSettings(pose_source="a person (DWPose)"), None)
+
+
+# ---------------------------------------------------------------------- transformer bases (SD3, Flux)
+@pytest.fixture(scope="module")
+def tiny_dit_models(tmp_path_factory):
+    """Tiny SD3 and Flux base folders (saved by the stock diffusers pipelines) and a control module for each."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from controlnext.testing.models import tiny_controlnext, tiny_dit_pipeline_components
+
+    root = tmp_path_factory.mktemp("dit_models")
+    out = {}
+    for family, cls in (("sd3", StableDiffusion3Pipeline), ("flux", FluxPipeline)):
+        cls(**tiny_dit_pipeline_components(family, root / family / "src")).save_pretrained(root / family / "model")
+        tiny_controlnext(family, seed=1).save_pretrained(root / family / "module")
+        out[family] = ModelSpec(family, str(root / family / "model"), str(root / family / "module"),
+                                preprocessor="none", width=64, height=64, steps=2, guidance=3.5)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(
+    "family, pipeline", [("sd3", "StableDiffusion3ControlNeXtPipeline"), ("flux", "FluxControlNeXtPipeline")]
+)
+def test_transformer_models_generate_through_the_app(tiny_dit_models, tmp_path, family, pipeline):
+    import gradio as gr
+
+    from controlnext.web.app import App, WebConfig
+
+    spec = tiny_dit_models[family]
+    app = App(WebConfig(models=[spec], outputs=tmp_path / "out", limits=Limits(max_side=512)))
+    cond = _condition_file(tmp_path)
+    gallery, files, _, _ = _on_generate(app, preset=family, base=spec.base, control=spec.controlnext,
+                                        upload=str(cond), guidance=3.5, seed=4)  # fmt: skip
+    loaded = app.cache.get(spec)
+    assert loaded.family == family and type(loaded.pipe).__name__ == pipeline and loaded.has_control
+    assert len(files) == 1 and len(gallery) == 2
+    # The PNG holds what reproduces it alone, through the same generation function.
+    data = read_settings(files[0])
+    assert data["base"] == spec.base and data["guidance"] == 3.5 and data["negative_prompt"] == ""
+    first = np.asarray(Image.open(files[0]), int)
+    again, _, _ = generate(loaded.pipe, square_condition(), GenerationSettings.from_json(data), tmp_path / "again")
+    assert np.abs(first - np.asarray(Image.open(again[0]), int)).max() <= 2
+    off, _, _ = generate(loaded.pipe, square_condition(), GenerationSettings.from_json(dict(data, control_scale=0.0)),
+                         tmp_path / "off")  # fmt: skip
+    assert np.abs(first - np.asarray(Image.open(off[0]), int)).mean() > 1  # the control matters
+    # A size the patching cannot take (a multiple of 8, not of the VAE factor 8 x patch 2) is one clear message.
+    with pytest.raises(gr.Error, match=r"whole 16-pixel patches .* got 72x64: choose multiples of 16"):
+        _on_generate(app, preset=family, base=spec.base, control=spec.controlnext, upload=str(cond), width=72)
+    # Flux.1-dev is guidance-distilled: a negative prompt would be silently unused, so it is refused; SD3 takes one.
+    if family == "flux":
+        with pytest.raises(gr.Error, match="guidance-distilled and uses no negative prompt"):
+            _on_generate(app, preset=family, base=spec.base, control=spec.controlnext, upload=str(cond),
+                         negative="blurry")  # fmt: skip
+    else:
+        _, files, _, _ = _on_generate(app, preset=family, base=spec.base, control=spec.controlnext,
+                                      upload=str(cond), negative="blurry", guidance=3.5, seed=4)  # fmt: skip
+        assert read_settings(files[0])["negative_prompt"] == "blurry"
+        assert np.abs(first - np.asarray(Image.open(files[0]), int)).mean() > 0  # the negative prompt is used
+
+
+def test_a_flux_module_on_an_sd3_base_is_one_clear_message(tiny_dit_models, tmp_path):
+    import gradio as gr
+
+    from controlnext.web.app import App, WebConfig
+
+    sd3, flux = tiny_dit_models["sd3"], tiny_dit_models["flux"]
+    mixed = ModelSpec("mixed", sd3.base, flux.controlnext, preprocessor="none", width=64, height=64, steps=2)
+    app = App(WebConfig(models=[mixed], outputs=tmp_path / "out"))
+    with pytest.raises(gr.Error, match=r"'flux' module \(for flux transformers\) but the transformer is sd3"):
+        _on_generate(app, preset="mixed", base=sd3.base, control=flux.controlnext,
+                     upload=str(_condition_file(tmp_path)))  # fmt: skip
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.png"))

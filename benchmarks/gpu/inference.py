@@ -9,7 +9,7 @@ own; compile time is reported separately and a recompilation during the timed st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,18 +91,21 @@ def _save(result: Any, raw_dir: Path, name: str) -> None:
     (raw_dir / f"{name.replace(' ', '_')}.json").write_text(result.to_json() + "\n")
 
 
-def eager_items(settings: Settings, raw_dir: Path) -> list[Item]:
-    """One item per (preset, dtype): every row in one interleaved run, with guidance."""
-    from controlnext.bench import BenchConfig, run_benchmark
+def eager_items(settings: Settings, raw_dir: Path, configs: Sequence[tuple[str, str]] | None = None) -> list[Item]:
+    """One item per (preset, dtype) of ``configs`` (default: this part's): every row in one interleaved run, with
+    guidance where the family batches it (Flux-dev, guidance-distilled, without)."""
+    from controlnext.bench import PRESETS, BenchConfig, run_benchmark
+    from controlnext.families import get_family
 
     items = []
-    for preset, requested in SMOKE_CONFIGS if settings.smoke else GPU_CONFIGS:
+    for preset, requested in configs or (SMOKE_CONFIGS if settings.smoke else GPU_CONFIGS):
+        guidance = (True,) if get_family(PRESETS[preset].family).cfg_batch else (False,)
 
-        def run(preset: str = preset, requested: str = requested) -> list[dict[str, Any]]:
+        def run(preset: str = preset, requested: str = requested, guidance=guidance) -> list[dict[str, Any]]:
             cfg = BenchConfig(
                 preset=preset,
                 rows=ROWS,
-                guidance=(True,),
+                guidance=guidance,
                 repeats=settings.repeats,
                 steps=settings.steps,
                 warmup=1,

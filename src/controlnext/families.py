@@ -491,12 +491,46 @@ DIT_POINTS = (
 )
 
 
+# The published transformer configs (transformer/config.json of the reference checkpoints, minus weights), for
+# benchmarks and meta-device sizes: stabilityai/stable-diffusion-3-medium-diffusers and black-forest-labs/FLUX.1-dev.
+_SD3_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+_FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
 def _flux_latent_grid(sample: torch.Tensor, kwargs: Mapping[str, Any]) -> tuple[int, int]:
     """Flux is called with 2x2-packed tokens (B, h/2 * w/2, 4C): the grid comes from the rotary ids (row, column)."""
     ids = kwargs.get("img_ids")
     if ids is None:
         raise ValueError("The Flux transformer must be called with img_ids= (keyword) for ControlNeXt control.")
     ids = ids.reshape(-1, ids.shape[-1])
+    if ids.shape[0] == 0:  # FluxPipeline rounds sizes down to whole 16-pixel patches: below one, no token is left
+        raise ValueError(
+            "The Flux call has no image tokens: height and width must each be at least one patch (16 pixels for the "
+            "published VAE); FluxPipeline rounds them down to multiples of 16."
+        )
     rows, cols = (int(v) + 1 for v in ids[:, 1:3].amax(dim=0).tolist())  # one host read per call
     if rows * cols != sample.shape[1]:
         raise ValueError(
@@ -531,6 +565,7 @@ register_family(
         call_args=("hidden_states", "timestep"),  # SD3 passes the scheduler's t in [0, 1000]
         text_encoders=3,
         latent_patch=2,
+        published_config=_SD3_MEDIUM_TRANSFORMER,
     )
 )
 register_family(
@@ -557,5 +592,6 @@ register_family(
         latent_patch=2,
         cfg_batch=False,  # guidance-distilled; true CFG runs a second, separate transformer call
         latent_grid=_flux_latent_grid,
+        published_config=_FLUX_DEV_TRANSFORMER,
     )
 )

@@ -26,6 +26,12 @@ it), ``controlnext-sd15-release`` (the 5.35M ``sd15`` release layout), ``control
 (``ControlNetModel.from_unet(unet)``, called as diffusers' pipelines do: ControlNet, then the UNet with its residuals,
 the condition duplicated for guidance). Use :func:`run_benchmark` or ``controlnext bench``.
 
+The transformer presets (``sd3-1024``, ``flux-1024`` and their CPU-sized ``sd3-512``, ``flux-512-shallow``) build the
+published SD3-medium / Flux.1-dev transformers; their ``controlnext`` row is the family's token layout and their
+``controlnet`` row diffusers' ``SD3ControlNetModel`` / ``FluxControlNetModel`` at the layer counts of the InstantX
+checkpoints, run as ``StableDiffusion3ControlNetPipeline`` / ``FluxControlNetPipeline`` run them. Flux.1-dev is
+guidance-distilled: its presets have no CFG rows.
+
 With ``compile`` set (a ``torch.compile`` backend, e.g. ``inductor``), each row is compiled with its hooks in place and
 timed on its own, rows one after the other: dynamo does not guard on module hooks
 (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a graph compiled for one row would silently be reused by a
@@ -86,6 +92,8 @@ _LAZY = {
     "_ControlNetRow": "rows",
     "_Inputs": "models",
     "_Row": "rows",
+    "_TransformerControlNetRow": "rows",
+    "controlnet_row": "rows",
     "_bracket_hooks": "rows",
     "_compiled_rounds": "runner",
     "_count": "rows",

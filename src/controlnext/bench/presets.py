@@ -6,9 +6,11 @@ Kept apart from :mod:`controlnext.bench` so that the command line can list prese
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "DEFAULT_ROWS",
+    "DIT_ROWS",
     "PRESETS",
     "ROW_NAMES",
     "SCHEDULE_STEPS",
@@ -21,8 +23,31 @@ ROW_NAMES = ("base", "controlnext", "controlnext-sd15-release", "controlnet", "c
 # for the guidance halves), to measure what the cached prefix and the de-duplication save. Opt-in except in CI.
 DEFAULT_ROWS = ROW_NAMES[:4]
 
+DIT_ROWS = ("base", "controlnext", "controlnet")
+
 SCHEDULE_STEPS = 50  # timesteps cycle through a 50-step schedule (the cost does not depend on the value)
 TEXT_TOKENS = 77
+# Text tokens of a transformer call as the stock pipelines make them: SD3 77 CLIP + 256 T5 (its
+# max_sequence_length), Flux 512 T5 (FluxPipeline's max_sequence_length).
+SD3_TEXT_TOKENS = 77 + 256
+FLUX_TEXT_TOKENS = 512
+
+# diffusers' ControlNets for the transformer families at the layer counts of the community checkpoints people use
+# (their config.json): InstantX/SD3-Controlnet-Canny (SD3-medium), and InstantX/FLUX.1-dev-Controlnet-Union (5 double-
+# and 10 single-stream blocks, 10 control modes; the Shakker-Labs Union-Pro continues it).
+SD3_CONTROLNET = (("num_layers", 6),)
+# SD3.5-large (stabilityai/stable-diffusion-3.5-large transformer/config.json: 38 joint blocks, 38 heads x 64, RMS
+# query-key norm) on top of SD3-medium's config, and Stability AI's SD3.5-large ControlNets (canny, depth, blur): 19
+# layers without a text stream, sharing the transformer's patch embedding, as diffusers'
+# scripts/convert_sd3_controlnet_to_diffusers.py builds them.
+SD35_LARGE = (
+    ("num_layers", 38), ("num_attention_heads", 38), ("caption_projection_dim", 2432), ("qk_norm", "rms_norm"),
+)  # fmt: skip
+SD35_CONTROLNET = (
+    ("num_layers", 19), ("joint_attention_dim", None), ("caption_projection_dim", 2048), ("pos_embed_max_size", None),
+    ("pos_embed_type", None), ("use_pos_embed", False), ("force_zeros_for_pooled_projection", False), ("qk_norm", None),
+)  # fmt: skip
+FLUX_CONTROLNET = (("num_layers", 5), ("num_single_layers", 10), ("num_mode", 10))
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,11 @@ class Preset:
     repeats: int = 5
     steps: int = 1
     description: str = ""
+    text_tokens: int = TEXT_TOKENS
+    # Transformer presets: overrides of the family's published config (a CPU-sized depth), and the diffusers
+    # ControlNet's config (its layer counts) on top of the base's.
+    base_config: tuple[tuple[str, Any], ...] = ()
+    controlnet_config: tuple[tuple[str, Any], ...] = ()
 
 
 PRESETS: dict[str, Preset] = {
@@ -67,6 +97,88 @@ PRESETS: dict[str, Preset] = {
             repeats=2,
             steps=2,
             description="tiny SDXL-layout models",
+        ),
+        Preset(
+            "sd3-1024",
+            "sd3",
+            1024,
+            DIT_ROWS,
+            repeats=3,
+            text_tokens=SD3_TEXT_TOKENS,
+            controlnet_config=SD3_CONTROLNET,
+            description="SD3-medium transformer (2B; ControlNet: 6 layers, as InstantX/SD3-Controlnet-Canny)",
+        ),
+        Preset(
+            "sd35-large-1024",
+            "sd3",
+            1024,
+            DIT_ROWS,
+            repeats=3,
+            text_tokens=SD3_TEXT_TOKENS,
+            base_config=SD35_LARGE,
+            controlnet_config=SD35_CONTROLNET,
+            description="SD3.5-large transformer (8.1B; ControlNet: 19 layers, as Stability AI's SD3.5-large "
+            "ControlNets)",
+        ),
+        Preset(
+            "sd3-512",
+            "sd3",
+            512,
+            DIT_ROWS,
+            repeats=3,
+            text_tokens=SD3_TEXT_TOKENS,
+            controlnet_config=SD3_CONTROLNET,
+            description="SD3-medium transformer (2B; ControlNet: 6 layers), CPU-sized",
+        ),
+        Preset(
+            "flux-1024",
+            "flux",
+            1024,
+            DIT_ROWS,
+            repeats=3,
+            text_tokens=FLUX_TEXT_TOKENS,
+            controlnet_config=FLUX_CONTROLNET,
+            description="Flux.1-dev transformer (12B; ControlNet: 5 double + 10 single blocks, as "
+            "InstantX/FLUX.1-dev-Controlnet-Union)",
+        ),
+        Preset(
+            "flux-512-shallow",
+            "flux",
+            512,
+            DIT_ROWS,
+            repeats=3,
+            text_tokens=FLUX_TEXT_TOKENS,
+            # Every depth divided by 3.8 (19 -> 5 double, 38 -> 10 single; the ControlNet's 5 + 10 -> 1 + 3, rounded),
+            # so the rows keep about their full-size proportions while the base fits a CPU's memory and time; 5
+            # double blocks keep the default injection point (after block 4).
+            base_config=(("num_layers", 5), ("num_single_layers", 10)),
+            controlnet_config=(("num_layers", 1), ("num_single_layers", 3), ("num_mode", 10)),
+            description="Flux.1-dev width, 5 of 19 double + 10 of 38 single blocks (ControlNet 1 + 3 of its 5 + 10), "
+            "CPU-sized",
+        ),
+        Preset(
+            "ci-sd3",
+            "sd3",
+            64,
+            DIT_ROWS,
+            tiny=True,
+            repeats=2,
+            steps=2,
+            text_tokens=7,
+            controlnet_config=(("num_layers", 2),),
+            description="tiny SD3-layout models",
+        ),
+        Preset(
+            "ci-flux",
+            "flux",
+            64,
+            DIT_ROWS,
+            tiny=True,
+            repeats=2,
+            steps=2,
+            text_tokens=7,
+            controlnet_config=(("num_layers", 1), ("num_single_layers", 1), ("num_mode", 10)),
+            description="tiny Flux-layout models",
         ),
     )
 }

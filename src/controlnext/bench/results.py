@@ -54,6 +54,15 @@ class BenchConfig:
             raise ValueError(f"Rows repeat: {cfg.rows}.")
         if not cfg.guidance:
             raise ValueError("Run at least one guidance mode (with or without classifier-free guidance).")
+        family = get_family(p.family)
+        if not family.cfg_batch and True in cfg.guidance:
+            # Flux-dev is guidance-distilled: its pipeline makes one transformer call per step, never a CFG batch.
+            if tuple(cfg.guidance) != (False, True):
+                raise ValueError(
+                    f"{family.title} makes no classifier-free guidance batch (guidance-distilled); "
+                    f"preset {p.name} runs without it: use --cfg off (or both)."
+                )
+            cfg = replace(cfg, guidance=(False,))
         if cfg.repeats < 1 or cfg.steps < 1 or cfg.warmup < 0:
             raise ValueError("repeats and steps must be >= 1 and warmup >= 0.")
         if cfg.dtype not in DTYPES:

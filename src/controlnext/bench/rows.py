@@ -1,4 +1,5 @@
-"""The benchmark rows: the base UNet, ControlNeXt attached as the pipelines attach it, diffusers' ControlNet."""
+"""The benchmark rows: the base denoiser (UNet or transformer), ControlNeXt attached as the pipelines attach it,
+diffusers' ControlNet for the family run as its pipeline runs it."""
 
 from __future__ import annotations
 
@@ -48,9 +49,8 @@ class _Row:
         self.call_unet = self.unet
 
     def _unet(self, t: torch.Tensor, **extra: Any) -> Any:
-        i = self.inputs
-        kw = {"added_cond_kwargs": i.added} if i.added is not None else {}
-        return self.call_unet(i.latents, t, encoder_hidden_states=i.text, return_dict=False, **kw, **extra)
+        args, kw = self.inputs.call(t)
+        return self.call_unet(*args, return_dict=False, **kw, **extra)
 
     def step(self, k: int) -> Any:
         return self._unet(self.inputs.timesteps[k % SCHEDULE_STEPS])
@@ -83,9 +83,12 @@ class _ControlNeXtRow(_Row):
         cond = inputs.condition.to(dtype=self.module.dtype)
         if self.plain and guidance:
             cond = torch.cat([cond] * 2)  # one row per UNet sample, as the release feeds its encoder
+        # The condition is made at the output's size; transformers get no pixel factor, so the Flux grid is not read
+        # from its rotary ids (a host read, impossible on the meta device).
         adapter = attach(
             self.unet, self.module, cond, cache_static=not self.plain,
-            guidance=guidance and not self.plain, num_steps=SCHEDULE_STEPS, pixel_factor=8,
+            guidance=guidance and not self.plain, num_steps=SCHEDULE_STEPS,
+            pixel_factor=None if inputs.transformer else 8,
         )  # fmt: skip
         if not self.plain:
             adapter.slots[0].static()  # the timestep-independent prefix: once per generation
@@ -157,6 +160,44 @@ class _ControlNetRow(_Row):
     def end(self) -> None:
         self.image = None
         super().end()
+
+
+class _TransformerControlNetRow(_ControlNetRow):
+    """diffusers' SD3 / Flux ControlNet, run as StableDiffusion3ControlNetPipeline / FluxControlNetPipeline run it
+    each step: the ControlNet on the call's inputs and the condition latents (duplicated for guidance), then the
+    transformer with its block residuals."""
+
+    def begin(self, inputs: _Inputs, guidance: bool) -> None:
+        _Row.begin(self, inputs, guidance)
+        lat = inputs.control_latents
+        self.image = torch.cat([lat] * inputs.latents.shape[0]) if lat.shape[0] != inputs.latents.shape[0] else lat
+        # Union checkpoints (num_mode set) are called with a control mode per sample.
+        union = getattr(self.controlnet, "union", False)
+        self.mode = torch.zeros(self.image.shape[0], 1, dtype=torch.long, device=lat.device) if union else None
+
+    def step(self, k: int) -> Any:
+        t = self.inputs.timesteps[k % SCHEDULE_STEPS]
+        _, kw = self.inputs.call(t)
+        c0 = time.process_time()
+        if self.family == "flux":
+            double, single = self.call_controlnet(
+                **kw, controlnet_cond=self.image, controlnet_mode=self.mode, conditioning_scale=1.0, return_dict=False
+            )
+            extra = {"controlnet_block_samples": double, "controlnet_single_block_samples": single}
+        else:
+            if self.controlnet.context_embedder is None:  # SD3.5's ControlNets take no text stream (their pipeline)
+                kw = {**kw, "encoder_hidden_states": None}
+            blocks = self.call_controlnet(**kw, controlnet_cond=self.image, conditioning_scale=1.0, return_dict=False)
+            extra = {"block_controlnet_hidden_states": blocks[0]}
+        self.control_cpu += time.process_time() - c0
+        return self._unet(t, **extra)
+
+
+def controlnet_row(unet: nn.Module, family: str, controlnet: nn.Module) -> _ControlNetRow:
+    """The ControlNet row for ``family``: the UNet pipelines' way, or the transformer pipelines' way."""
+    if get_family(family).denoiser == "transformer":
+        return _TransformerControlNetRow(unet, family, controlnet)
+    return _ControlNetRow(unet, family, controlnet)
 
 
 def _bracket_hooks(row: _Row, adapter: ControlNeXtAdapter) -> list[torch.utils.hooks.RemovableHandle]:

@@ -10,11 +10,12 @@ from collections.abc import Callable
 
 import torch
 
+from ..families import get_family
 from .measure import StepClock, _flop_counter, _sync, _versions, machine_description, peak_new_bytes
 from .models import build_controlnet, build_controlnext, build_unet, make_inputs
 from .presets import PRESETS
 from .results import DTYPES, BenchConfig, BenchResult, RowResult
-from .rows import _ControlNetRow, _ControlNeXtRow, _count, _Row, _weight_bytes
+from .rows import _ControlNeXtRow, _count, _Row, _weight_bytes, controlnet_row
 
 
 def command_line(cfg: BenchConfig, docs: str | None = None) -> str:
@@ -25,7 +26,7 @@ def command_line(cfg: BenchConfig, docs: str | None = None) -> str:
         parts.append(f"--resolution {cfg.resolution}")
     if tuple(cfg.rows) != p.rows:
         parts.append(f"--rows {','.join(cfg.rows)}")
-    if tuple(cfg.guidance) != (False, True):
+    if tuple(cfg.guidance) != ((False, True) if get_family(p.family).cfg_batch else (False,)):
         parts.append(f"--cfg {'on' if cfg.guidance[0] else 'off'}")
     if cfg.flops_only:
         parts.append("--flops-only")
@@ -69,11 +70,13 @@ def run_benchmark(
         if name == "base":
             rows.append(_Row(unet, preset.family))
         elif name == "controlnet":
-            rows.append(_ControlNetRow(unet, preset.family, build_controlnet(unet, dtype)))
+            rows.append(controlnet_row(unet, preset.family, build_controlnet(unet, dtype, preset)))
         else:
             module = build_controlnext(preset, name, unet, dtype)
             rows.append(_ControlNeXtRow(unet, preset.family, name, module, plain=name == "controlnext-plain"))
-    inputs = {g: make_inputs(unet, cfg.resolution, 2 if g else 1, dtype, cfg.seed) for g in cfg.guidance}
+    inputs = {
+        g: make_inputs(unet, cfg.resolution, 2 if g else 1, dtype, cfg.seed, preset.text_tokens) for g in cfg.guidance
+    }
     results = {
         (r.name, g): RowResult(
             name=r.name,

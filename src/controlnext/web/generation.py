@@ -27,6 +27,7 @@ from .limits import Limits
 __all__ = [
     "GenerationSettings",
     "GenerationStopped",
+    "family_check",
     "METADATA_KEY",
     "generate",
     "read_settings",
@@ -181,6 +182,31 @@ class GenerationStopped(RuntimeError):
         super().__init__(f"Stopped after {done} of {total} denoising steps: {reason}")
 
 
+def family_check(pipe: Any, settings: GenerationSettings) -> bool:
+    """Refuse settings the base family of ``pipe`` cannot take (one clear sentence); whether it takes a negative prompt.
+
+    Transformer bases (SD3, Flux) make sizes in whole patches: multiples of the VAE factor times the patch (16 px
+    for the published models). Flux.1-dev is guidance-distilled: one transformer call per step, with Guidance as its
+    distilled guidance value; a negative prompt would need a second, true-CFG call per step, which the app does not
+    make, so a negative prompt is refused rather than silently dropped.
+    """
+    from ..families import detect_family
+
+    family = detect_family(pipe)
+    multiple = int(getattr(pipe, "vae_scale_factor", 8)) * family.latent_patch
+    if settings.width % multiple or settings.height % multiple:
+        raise ValueError(
+            f"{family.title} makes images in whole {multiple}-pixel patches (VAE factor x the transformer's patch); "
+            f"got {settings.width}x{settings.height}: choose multiples of {multiple}."
+        )
+    if not family.cfg_batch and settings.negative_prompt.strip():
+        raise ValueError(
+            f"{family.title} is guidance-distilled and uses no negative prompt (Guidance sets its distilled guidance, "
+            "3.5 is typical): clear the negative prompt."
+        )
+    return family.cfg_batch
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -207,6 +233,8 @@ def generate(
     """
     import torch
 
+    negative = family_check(pipe, settings)
+
     def check(done: int) -> None:
         reason = should_stop() if should_stop is not None else None
         if reason:
@@ -219,7 +247,6 @@ def generate(
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     call: dict[str, Any] = dict(
         prompt=settings.prompt,
-        negative_prompt=settings.negative_prompt or None,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance,
         width=settings.width,
@@ -227,6 +254,8 @@ def generate(
         num_images_per_prompt=len(seeds),
         generator=generators,
     )
+    if negative:
+        call["negative_prompt"] = settings.negative_prompt or None
     if pipe.controlnext_modules:
         call.update(
             control_image=condition,

@@ -199,11 +199,14 @@ class LoadedModel:
         return bool(self.pipe.controlnext_modules)
 
 
-def _device_and_dtype():
+def _device_and_dtype(family: Any = None):
+    """The device and weights dtype: float16 on CUDA, bfloat16 there for the transformer families (SD3 and Flux
+    are run in bfloat16; Flux overflows in float16), float32 on the CPU."""
     import torch
 
     if torch.cuda.is_available():
-        return "cuda", torch.float16
+        transformer = family is not None and family.denoiser == "transformer"
+        return "cuda", torch.bfloat16 if transformer and torch.cuda.is_bf16_supported() else torch.float16
     return "cpu", torch.float32
 
 
@@ -236,16 +239,23 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     """Build the pipeline for ``spec`` (base, control module, LoRA) on the best available device."""
     from ..families import detect_family
 
-    device, dtype = _device_and_dtype()
     base = validate_base_ref(spec.base)
     control = validate_control_ref(spec.controlnext)
     lora = validate_lora_ref(spec.lora)
+    device, dtype = _device_and_dtype(None if base == TINY else detect_family(base))
     pipe = _load_base(base, dtype)
-    family = detect_family(pipe).name
+    fam = detect_family(pipe)
+    family = fam.name
     if control == TINY:
         from ..testing import tiny_controlnext
 
-        pipe.set_controlnext(tiny_controlnext("sd15-training", out_channels=pipe.unet.config.block_out_channels[0]))
+        config = getattr(pipe, fam.denoiser).config
+        if fam.denoiser == "transformer":  # the token layout at the transformer's width
+            width = config.num_attention_heads * config.attention_head_dim
+            module = tiny_controlnext(fam.light_variant, out_channels=width)
+        else:
+            module = tiny_controlnext("sd15-training", out_channels=config.block_out_channels[0])
+        pipe.set_controlnext(module)
     elif control is not None:
         try:
             pipe.load_controlnext(control)
