@@ -67,3 +67,16 @@ def test_save_load_round_trip(tmp_path):
     cond = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(again(cond, 0).sample, module(cond, 0).sample, rtol=0, atol=0)
+
+
+def test_single_file_round_trip(tmp_path):
+    """The config travels in the file's metadata, so a file without `time_*` keys loads as timestep-free."""
+    from controlnext.loading import load_controlnext_file, save_controlnext_file
+
+    module = tiny_controlnext("sd15-training", use_timestep=False)
+    path = save_controlnext_file(module, tmp_path / "controlnext.safetensors")
+    again = load_controlnext_file(path)
+    assert again.config.use_timestep is False
+    cond = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(cond, 0).sample, module(cond, 0).sample, rtol=0, atol=0)
