@@ -290,7 +290,7 @@ def write_report(
         f"{args.steps} steps; AdamW (50-step warm-up, then constant LR; weight decay 0.01, grad clip 1); caption "
         f"dropout 0.1; {target} MSE at uniform timesteps; one seeded generator per run drives data order, noise and "
         "timesteps, so runs with the same seed see the same batches. Only the control method's parameters train, "
-        "plus, for the `+ UNet to_out` row, the UNet's attention output projections (the published SD1.5 recipe). "
+        "plus, for the `+ UNet to_out` rows, the UNet's attention output projections (the published SD1.5 recipe). "
         f"Fidelity: {metric} on {args.eval_n} held-out cases (shapes seed {args.eval_seed}), DPM-Solver++ "
         f"{args.eval_steps} steps, guidance {args.guidance:g}, fixed sampling seeds. "
         f"Base model alone (no control): **{base_fid:.3f}**.",
@@ -359,6 +359,9 @@ def write_report(
     lines += ["", "![fidelity vs steps](convergence.png)", "", "## Observations (computed)", ""]
     by_auc = sorted(methods, key=lambda m: -np.mean(auc[m]))
     lines.append("- Ranking by mean fidelity over the run: " + " > ".join(LABELS[m] for m in by_auc) + ".")
+    if "cross_norm_unet" in finals and "timestep_free_unet" in finals:
+        a, b = (finals[m][0]["trainable_parameters"] for m in ("cross_norm_unet", "timestep_free_unet"))
+        lines.append(f"- The timestep-free variant trains {a - b:,} fewer parameters (no timestep embedding).")
     if "cross_norm" in finals and "controlnet" in finals:
         ratio = finals["controlnet"][0]["trainable_parameters"] / finals["cross_norm"][0]["trainable_parameters"]
         lines.append(f"- ControlNet trains {ratio:.1f}x the parameters of the ControlNeXt module.")
@@ -388,9 +391,9 @@ def _merge_earlier(args, methods: list[str], sweep: list[dict], runs: list[dict]
         raise SystemExit(f"--add: the earlier study in {args.out_json} differs in {differs}; use its settings.")
     keep = [m for m in old["best_lr"] if m not in methods]
     added = {m: v for m, v in old.get("added", {}).items() if m in keep}
-    added.update({m: f"`{args.command}` on {dt.date.today().isoformat()}" for m in methods})
+    added.update({m: f"`{args.command}` on {dt.date.today().isoformat()}, {machine()}" for m in methods})
     for m in keep:
-        added.setdefault(m, f"`{old['args']['command']}` on {old['date']}")
+        added.setdefault(m, f"`{old['args']['command']}` on {old['date']}, {old['machine']}")
     sweep = [r for r in old["sweep"] if r["method"] in keep] + sweep
     runs = [r for r in old["results"] if r["method"] in keep] + runs
     return sweep, runs, {**{m: old["best_lr"][m] for m in keep}, **best_lr}, added
