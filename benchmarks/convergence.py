@@ -21,7 +21,10 @@ own. Writes ``docs/convergence.md`` (table, machine, date, steps to reach ``--th
 Fairness: with several ``--lrs`` each method first gets a learning-rate sweep on its own seed (``--sweep-seed``), and
 its best LR (highest mean fidelity over the evaluations after step 0, i.e. the area under its curve) is then trained
 on every ``--seeds`` seed; the report gives the mean and spread over those seeds. ``cross_norm_unet`` adds the
-published SD1.5 recipe's trainable UNet subset (attention output projections) to the cross-norm module.
+published SD1.5 recipe's trainable UNet subset (attention output projections) to the cross-norm module;
+``timestep_free_unet`` is that recipe with an encoder without timestep input (computed once per generation), and
+``t2i_adapter`` is diffusers' ``T2IAdapter``. ``--add`` runs only ``--methods`` and reports them beside the runs
+already in ``--out-json`` (same setup required), so a new method does not re-run the whole study.
 
 Usage: ``python benchmarks/convergence.py --lrs 3e-4,1e-3,3e-3 --seeds 0,1,2 --jobs 2`` (each run is about 4 minutes
 on one CPU thread; ``--jobs`` runs that many at once).
@@ -52,7 +55,12 @@ LABELS = {
     "zero_conv": "ControlNeXt (zero-conv)",
     "cross_norm_unet": "ControlNeXt (cross-norm) + UNet to_out",
     "controlnet": "ControlNet (diffusers)",
+    "timestep_free_unet": "ControlNeXt timestep-free + UNet to_out",
+    "t2i_adapter": "T2I-Adapter (diffusers)",
 }
+#: What must match for runs of an earlier study to be reported beside new ones (``--add``).
+SAME_SETUP = ("condition", "steps", "eval_every", "eval_n", "eval_steps", "eval_seed", "guidance", "batch", "lrs",
+              "seeds", "sweep_seed", "n", "data_seed", "threads")
 
 
 def _loop_module():
@@ -217,7 +225,15 @@ def machine() -> str:
     return f"{machine_description(device)}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
-def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr: dict, base_fid: float, wall: float):
+def write_report(
+    args,
+    sweep: list[dict],
+    finals: dict[str, list[dict]],
+    best_lr: dict,
+    base_fid: float,
+    wall: float,
+    added: dict[str, str] | None = None,
+):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,18 +269,28 @@ def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr
     fig.savefig(docs / "convergence.png")
 
     lines = [
-        "# Convergence study: Cross Normalization vs zero-convolution vs ControlNet",
+        "# Convergence study: ControlNeXt (Cross Normalization, zero-conv, timestep-free) vs ControlNet vs T2I-Adapter",
         "",
         f"Measured {dt.date.today().isoformat()} on {machine()}, {args.threads} thread(s) per run, {args.jobs} run(s) "
-        f"at a time; whole study {wall / 60:.1f} min.",
+        f"at a time; this run {wall / 60:.1f} min.",
         f"Reproduce: `{args.command}` (raw numbers in `benchmarks/results/convergence.json`).",
         "",
+    ]
+    if added:
+        lines += [
+            "The methods were measured in separate runs of the study with the same setup; s/step and peak RSS compare "
+            "only between rows of the same run:",
+            "",
+            *(f"- {LABELS[m]}: {how}" for m, how in added.items()),
+            "",
+        ]
+    lines += [
         "Setup (identical for every method): frozen shipped shapes base (64x64, 16x16x4 latents); "
         f"{args.n} training samples (shapes seed {args.data_seed}, `{args.condition}` condition); batch {args.batch}; "
         f"{args.steps} steps; AdamW (50-step warm-up, then constant LR; weight decay 0.01, grad clip 1); caption "
         f"dropout 0.1; {target} MSE at uniform timesteps; one seeded generator per run drives data order, noise and "
         "timesteps, so runs with the same seed see the same batches. Only the control method's parameters train, "
-        "plus, for the `+ UNet to_out` row, the UNet's attention output projections (the published SD1.5 recipe). "
+        "plus, for the `+ UNet to_out` rows, the UNet's attention output projections (the published SD1.5 recipe). "
         f"Fidelity: {metric} on {args.eval_n} held-out cases (shapes seed {args.eval_seed}), DPM-Solver++ "
         f"{args.eval_steps} steps, guidance {args.guidance:g}, fixed sampling seeds. "
         f"Base model alone (no control): **{base_fid:.3f}**.",
@@ -333,6 +359,9 @@ def write_report(args, sweep: list[dict], finals: dict[str, list[dict]], best_lr
     lines += ["", "![fidelity vs steps](convergence.png)", "", "## Observations (computed)", ""]
     by_auc = sorted(methods, key=lambda m: -np.mean(auc[m]))
     lines.append("- Ranking by mean fidelity over the run: " + " > ".join(LABELS[m] for m in by_auc) + ".")
+    if "cross_norm_unet" in finals and "timestep_free_unet" in finals:
+        a, b = (finals[m][0]["trainable_parameters"] for m in ("cross_norm_unet", "timestep_free_unet"))
+        lines.append(f"- The timestep-free variant trains {a - b:,} fewer parameters (no timestep embedding).")
     if "cross_norm" in finals and "controlnet" in finals:
         ratio = finals["controlnet"][0]["trainable_parameters"] / finals["cross_norm"][0]["trainable_parameters"]
         lines.append(f"- ControlNet trains {ratio:.1f}x the parameters of the ControlNeXt module.")
@@ -347,6 +376,27 @@ def _discussion(docs: Path) -> str:
     old = docs / "convergence.md"
     text = old.read_text() if old.is_file() else ""
     return text.split(DISCUSSION_MARKER, 1)[1].lstrip("\n") if DISCUSSION_MARKER in text else ""
+
+
+def _merge_earlier(args, methods: list[str], sweep: list[dict], runs: list[dict], best_lr: dict):
+    """Add the runs of the other methods recorded in ``args.out_json`` (the same setup is required).
+
+    Returns the merged sweep, runs and best LRs, and for each added method the command and date it was measured by.
+    """
+    if not args.out_json.is_file():
+        raise SystemExit(f"--add: no earlier study at {args.out_json}; run the study without --add first.")
+    old = json.loads(args.out_json.read_text())
+    differs = [k for k in SAME_SETUP if old["args"].get(k) != getattr(args, k)]
+    if differs:
+        raise SystemExit(f"--add: the earlier study in {args.out_json} differs in {differs}; use its settings.")
+    keep = [m for m in old["best_lr"] if m not in methods]
+    added = {m: v for m, v in old.get("added", {}).items() if m in keep}
+    added.update({m: f"`{args.command}` on {dt.date.today().isoformat()}, {machine()}" for m in methods})
+    for m in keep:
+        added.setdefault(m, f"`{old['args']['command']}` on {old['date']}, {old['machine']}")
+    sweep = [r for r in old["sweep"] if r["method"] in keep] + sweep
+    runs = [r for r in old["results"] if r["method"] in keep] + runs
+    return sweep, runs, {**{m: old["best_lr"][m] for m in keep}, **best_lr}, added
 
 
 def _run_all(args, jobs: list[tuple[str, float, int]], passthrough: list[str]) -> list[dict]:
@@ -391,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out-json", type=Path, default=ROOT / "benchmarks" / "results" / "convergence.json")
+    p.add_argument("--add", action="store_true", help="keep the other methods' runs from --out-json (same setup)")
     args = p.parse_args(argv)
     if args.base is None:
         from controlnext.shapes.demo import demo_assets
@@ -425,9 +476,13 @@ def main(argv: list[str] | None = None) -> int:
             best_lr[m] = max((r for r in sweep if r["method"] == m), key=lambda r: curve_score(r["history"]))["lr"]
         print("best learning rates: " + json.dumps(best_lr), flush=True)
     runs = _run_all(args, [(m, best_lr[m], s) for m in methods for s in args.seed_list], passthrough)
+    args.command = "python benchmarks/convergence.py " + " ".join(passthrough)
+    added: dict[str, str] = {}
+    if args.add:
+        sweep, runs, best_lr, added = _merge_earlier(args, methods, sweep, runs, best_lr)
+        methods = [m for m in LABELS if m in best_lr]
     finals = {m: [r for r in runs if r["method"] == m] for m in methods}
     base_fid = baseline(args, loop, base)
-    args.command = "python benchmarks/convergence.py " + " ".join(passthrough)
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "args": {k: v for k, v in vars(args).items() if k not in ("out_json", "method", "lr", "seed")},
@@ -435,11 +490,12 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.date.today().isoformat(),
         "base_fidelity": base_fid,
         "best_lr": best_lr,
+        "added": added,
         "sweep": sweep,
         "results": runs,
     }
     args.out_json.write_text(json.dumps(record, indent=1) + "\n")
-    write_report(args, sweep, finals, best_lr, base_fid, time.time() - t0)
+    write_report(args, sweep, finals, best_lr, base_fid, time.time() - t0, added)
     print(f"wrote docs/convergence.md, docs/convergence.png, {args.out_json}")
     return 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a control module (ControlNeXt cross-norm, ControlNeXt zero-conv, or a diffusers ControlNet) on the shapes data.
+"""Train a control module (ControlNeXt, a diffusers ControlNet or T2I-Adapter) on the shapes data.
 
 A minimal, deterministic training loop for ``benchmarks/convergence.py`` (the shipped demo modules are trained with
 ``controlnext train``, see ``scripts/train_demo_all.sh``), so every method sees the same base, data order, noise,
@@ -10,11 +10,13 @@ timesteps, batch size, steps and optimiser:
   embeddings of the captions, condition images in [0, 1]), encoded once and kept in memory;
 * objective: MSE to the base's prediction target (epsilon or v) at uniform timesteps, captions dropped (empty
   prompt) with p = 0.1, AdamW, constant LR after a 50-step warm-up, gradient clipping at 1;
-* trainable: the control module only, except ``cross_norm_unet``, which also trains the UNet subset the published
-  SD1.5 recipe unfreezes (every attention output projection, ``to_out``). ControlNeXt is applied with
+* trainable: the control module only, except ``cross_norm_unet`` and ``timestep_free_unet``, which also train the UNet
+  subset the published SD1.5 recipe unfreezes (every attention output projection, ``to_out``);
+  ``timestep_free_unet`` is that recipe with an encoder without timestep input. ControlNeXt is applied with
   :func:`controlnext.attach` on the stock UNet (``cache_static=False`` so gradients reach the encoder's prefix);
   ControlNet is ``ControlNetModel.from_unet`` with its residuals passed to the UNet, as diffusers'
-  ``train_controlnet.py`` does.
+  ``train_controlnet.py`` does; ``t2i_adapter`` is diffusers' ``T2IAdapter`` (timestep-free, one residual per UNet
+  down block, passed as ``down_intrablock_additional_residuals``, as ``train_t2i_adapter_sdxl.py`` does).
 
 Usage: ``python scripts/train_demo_controlnext.py BASE OUT --condition edges --steps 1500``; writes
 ``OUT/controlnext.safetensors`` (one file, published key layout, config in its metadata) and ``OUT/training.json``.
@@ -36,7 +38,7 @@ import torch
 from controlnext.shapes.world import condition_image, render_sample
 from controlnext.training.objectives import ddpm_inputs, ddpm_loss
 
-METHODS = ("cross_norm", "zero_conv", "controlnet", "cross_norm_unet")
+METHODS = ("cross_norm", "zero_conv", "controlnet", "cross_norm_unet", "timestep_free_unet", "t2i_adapter")
 
 #: The demo's control-module size: the `sd15-training` structure (injected after down block 0) with fewer channels.
 SMALL_CONTROLNEXT = dict(
@@ -142,17 +144,28 @@ class Method:
             # Condition embedding downsamples by 2**(len-1) = 4, the VAE factor of this base.
             self.model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
             self.adapter = None
+        elif name == "t2i_adapter":
+            from diffusers import T2IAdapter
+
+            # One residual per down block at the UNet's channels. This base's first block has no attention, so its
+            # residual is added after its downsampler: sizes 1/8, 1/8, 1/16 of the image, the `full_adapter_xl` order.
+            self.model = T2IAdapter(3, list(unet.config.block_out_channels), 2, 8, "full_adapter_xl")
+            self.adapter = None
         else:
             from controlnext import ControlNeXtModel, attach
             from controlnext.families import get_family
             from controlnext.training.trainable import select_unet_parameters
 
-            norm = "cross_norm" if name == "cross_norm_unet" else name
+            norm = "cross_norm" if name.endswith("_unet") else name
             self.model = ControlNeXtModel.from_variant(
-                "sd15-training", out_channels=unet.config.block_out_channels[0], normalization=norm, **SMALL_CONTROLNEXT
+                "sd15-training",
+                out_channels=unet.config.block_out_channels[0],
+                normalization=norm,
+                use_timestep=name != "timestep_free_unet",
+                **SMALL_CONTROLNEXT,
             )
             self.adapter = attach(unet, self.model, cache_static=False)
-            if name == "cross_norm_unet":
+            if name.endswith("_unet"):
                 names = set(select_unet_parameters(unet, list(get_family("sd15").trainable_patterns)))
                 self.unet_params = [p.requires_grad_(True) for n, p in unet.named_parameters() if n in names]
         self.model.train()
@@ -163,6 +176,9 @@ class Method:
 
     def predict(self, xt, t, emb, cond) -> torch.Tensor:
         unet = self.base.unet
+        if self.name == "t2i_adapter":
+            residuals = list(self.model(cond))  # the UNet pops from the list: a fresh one per call
+            return unet(xt, t, emb, down_intrablock_additional_residuals=residuals).sample
         if self.adapter is None:
             down, mid = self.model(xt, t, emb, controlnet_cond=cond, return_dict=False)
             return unet(xt, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample

@@ -219,3 +219,17 @@ def test_step_clock_times_host_work():
     clock.start()
     time.sleep(0.02)
     assert 0.015 < clock.stop() < 1.0
+
+
+def test_timestep_free_row_pays_only_cross_norm_per_step(capsys):
+    """The timestep-free module's whole encoder runs once per generation: no per-step encoder FLOPs remain."""
+    rc = main(["bench", "--preset", "ci", "--flops-only", "--json", "--quiet", "--cfg", "on",
+               "--rows", "base,controlnext,controlnext-timestep-free"])  # fmt: skip
+    assert rc == 0
+    rows = _rows(_json_tail(capsys.readouterr().out))
+    base, timed, free = (rows[(n, True)] for n in ("base", "controlnext", "controlnext-timestep-free"))
+    # Cross Normalization's mean/std are not FLOP-counted ops, so the step costs exactly the base's FLOPs ...
+    assert free["flops_per_step"] == base["flops_per_step"] < timed["flops_per_step"]
+    # ... and the encoder's work moved into the once-per-generation preparation.
+    assert free["prepare_flops"] > timed["prepare_flops"] > 0
+    assert 0 < free["added_params"] < timed["added_params"]  # no timestep embedding

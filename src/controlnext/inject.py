@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .families import Family, InjectionPoint, detect_family, family_of_variant, get_family
-from .models.controlnext import ControlNeXtModel, StaticFeatures
+from .models.controlnext import ControlNeXtModel, ControlNeXtOutput, StaticFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class ControlSlot:
     end: float = 1.0
     cache_static: bool = True
     _static: StaticFeatures | None = field(default=None, repr=False)
+    # A timestep-free module's whole output, with the cached prefix it was computed from.
+    _output: tuple[StaticFeatures, ControlNeXtOutput] | None = field(default=None, repr=False)
 
     def set_condition(self, condition: torch.Tensor | None) -> None:
         """Set the condition: pixels in [0, 1], (B_c, 3, H, W) or (B_c, F, 3, H, W); mapped to the module's range."""
@@ -95,6 +97,16 @@ class ControlSlot:
         if self.cache_static and not (torch.is_grad_enabled() and self.module.training):
             self._static = static
         return static
+
+    def features(self, timestep: torch.Tensor | float | int) -> ControlNeXtOutput:
+        """The encoder's output at ``timestep``; a timestep-free module's is computed once per cached prefix."""
+        static = self.static()
+        if self._output is not None and self._output[0] is static:
+            return self._output[1]
+        out = self.module.forward_static(static, timestep)
+        if not self.module.config.use_timestep and static is self._static:
+            self._output = (static, out)
+        return out
 
 
 class ControlNeXtAdapter:
@@ -280,7 +292,7 @@ class ControlNeXtAdapter:
                 # One timestep per UNet sample: give each condition row the timestep of a sample that uses it.
                 sample_index = index if frames == 1 else index[::frames] // frames
                 t = t.reshape(-1).new_empty(rows).scatter_(0, sample_index, t.reshape(-1))
-            out = slot.module.forward_static(static, t)
+            out = slot.features(t)
             scale = out.scale * slot.scale
             if weight is not None and not slot.module.config.uncond_control:
                 # The raw scale is zeroed on the unconditional half, then the scale rule applies (the SVD releases).

@@ -71,15 +71,16 @@ def build_controlnext(preset: Preset, row: str, unet: nn.Module, dtype: torch.dt
     device = unet.device
 
     def make() -> nn.Module:
+        extra = {"use_timestep": False} if row == "controlnext-timestep-free" else {}
         if _is_transformer(preset.family):  # the token layout, at the transformer's width
             width = unet.config.num_attention_heads * unet.config.attention_head_dim
             if preset.tiny:
-                return tiny_controlnext(variant, out_channels=width)
-            return ControlNeXtModel.from_variant(variant, out_channels=width)
+                return tiny_controlnext(variant, out_channels=width, **extra)
+            return ControlNeXtModel.from_variant(variant, out_channels=width, **extra)
         if preset.tiny:
             chans = unet.config.block_out_channels
-            return tiny_controlnext(variant, out_channels=chans[-1] if variant == "sd15" else chans[0])
-        return ControlNeXtModel.from_variant(variant)
+            return tiny_controlnext(variant, out_channels=chans[-1] if variant == "sd15" else chans[0], **extra)
+        return ControlNeXtModel.from_variant(variant, **extra)
 
     return build_random(make, device, dtype)
 

@@ -18,9 +18,13 @@ __all__ = [
     "Preset",
 ]
 
-ROW_NAMES = ("base", "controlnext", "controlnext-sd15-release", "controlnet", "controlnext-plain")
+ROW_NAMES = (
+    "base", "controlnext", "controlnext-sd15-release", "controlnet", "controlnext-plain", "controlnext-timestep-free"
+)  # fmt: skip
 # `controlnext-plain`: the same module computed the release's way (whole encoder every step, the condition duplicated
 # for the guidance halves), to measure what the cached prefix and the de-duplication save. Opt-in except in CI.
+# `controlnext-timestep-free`: the module without timestep input (`use_timestep=False`), its whole output computed
+# once per generation, so each step pays only Cross Normalization. Opt-in.
 DEFAULT_ROWS = ROW_NAMES[:4]
 
 DIT_ROWS = ("base", "controlnext", "controlnet")
@@ -87,7 +91,7 @@ PRESETS: dict[str, Preset] = {
             ("base", "controlnext", "controlnet"),
             description="SDXL UNet (2.6B), CPU-sized",
         ),
-        Preset("ci", "sd15", 64, ROW_NAMES, tiny=True, repeats=2, steps=2, description="tiny SD1.5-layout models"),
+        Preset("ci", "sd15", 64, ROW_NAMES[:5], tiny=True, repeats=2, steps=2, description="tiny SD1.5-layout models"),
         Preset(
             "ci-sdxl",
             "sdxl",

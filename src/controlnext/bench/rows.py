@@ -91,7 +91,12 @@ class _ControlNeXtRow(_Row):
             pixel_factor=None if inputs.transformer else 8,
         )  # fmt: skip
         if not self.plain:
-            adapter.slots[0].static()  # the timestep-independent prefix: once per generation
+            # Once per generation: the timestep-independent prefix, or a timestep-free module's whole output.
+            slot = adapter.slots[0]
+            if slot.module.config.use_timestep:
+                slot.static()
+            else:
+                slot.features(inputs.timesteps[0])
         self.adapter = adapter
         self._clock = _bracket_hooks(self, adapter) if self.clock_hooks else []
 

@@ -56,7 +56,8 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
     ``uncond_control`` (``False``: as the SVD releases do, the raw scale is zeroed on the unconditional half of
     classifier-free guidance before the scale rule applies, so a linear rule gives that half no control and the v1
     sigmoid rule gives it ``sigmoid(0) * control_level``) and ``condition_range`` (the pixel range the encoder
-    expects).
+    expects). ``use_timestep=False`` is the timestep-free option (not a published layout): an encoder without timestep
+    input, whose whole output is computed once per generation, so that each step only pays Cross Normalization.
 
     Inputs: ``condition`` of shape (B, 3, H, W) or, for video, (B, F, 3, H, W), in ``condition_range``; output
     features are at 1/8 of the condition's size (the latent size) for the light layouts.
@@ -101,6 +102,7 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         normalization: str = "cross_norm",
         token_patch: int | None = None,
         family: str | None = None,
+        use_timestep: bool = True,
     ):
         super().__init__()
         if family is not None:
@@ -120,8 +122,11 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         if not (len(block_in_channels) == len(block_out_channels) == len(groups)):
             raise ValueError("block_in_channels, block_out_channels and groups must have the same length.")
 
-        self.time_proj = Timesteps(time_proj_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embedding = TimestepEmbedding(time_proj_channels, time_embed_dim)
+        # Registered only with a timestep input, so that a timestep-free module has no `time_*` keys.
+        if use_timestep:
+            self.time_proj = Timesteps(time_proj_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+            self.time_embedding = TimestepEmbedding(time_proj_channels, time_embed_dim)
+        temb_channels = time_embed_dim if use_timestep else None
 
         stem: list[nn.Module] = []
         prev = in_channels
@@ -142,7 +147,7 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         self.down_sample = nn.ModuleList()
         for cin, cout, g in zip(block_in_channels, block_out_channels, groups):
             self.down_res.append(
-                ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=time_embed_dim, groups=g)
+                ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb_channels, groups=g)
             )
             self.down_sample.append(Downsample2D(cout, use_conv=True, out_channels=cout, padding=1, name="op"))
 
@@ -231,8 +236,13 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         shortcut = block.conv_shortcut(x) if block.conv_shortcut is not None else x
         return StaticFeatures(hidden=h, shortcut=shortcut, frames=frames)
 
-    def time_embed(self, timestep: torch.Tensor | float | int, rows: int, frames: int = 1) -> torch.Tensor:
-        """Timestep embedding for ``rows`` conditions; one row is returned (and broadcast) for a shared timestep."""
+    def time_embed(self, timestep: torch.Tensor | float | int, rows: int, frames: int = 1) -> torch.Tensor | None:
+        """Timestep embedding for ``rows`` conditions; one row is returned (and broadcast) for a shared timestep.
+
+        ``None`` for a timestep-free module (``use_timestep=False``): it ignores the timestep.
+        """
+        if not self.config.use_timestep:
+            return None
         t = timestep if torch.is_tensor(timestep) else torch.tensor([timestep], device=self.device)
         t = t.reshape(-1).to(self.device)
         if t.numel() not in (1, rows):
@@ -290,15 +300,23 @@ def _act(block: ResnetBlock2D, x: torch.Tensor, inplace: bool) -> torch.Tensor:
 
 
 def _resnet_tail(
-    block: ResnetBlock2D, hidden: torch.Tensor, shortcut: torch.Tensor, emb: torch.Tensor, inplace: bool, fresh: bool
+    block: ResnetBlock2D,
+    hidden: torch.Tensor,
+    shortcut: torch.Tensor,
+    emb: torch.Tensor | None,
+    inplace: bool,
+    fresh: bool,
 ) -> torch.Tensor:
     """``ResnetBlock2D.forward`` after ``conv1`` (default ``time_embedding_norm``), in the same order of operations.
 
     ``hidden`` is ``conv1``'s output and ``shortcut`` the shortcut branch. With ``inplace`` (no autograd),
     temporaries are reused; ``hidden`` is only written to when ``fresh`` (not a cached tensor).
     """
-    temb = block.time_emb_proj(block.nonlinearity(emb))[:, :, None, None]
-    h = hidden.add_(temb) if inplace and fresh else hidden + temb
+    if emb is None:  # timestep-free module: no timestep projection (norm2 below makes a new tensor)
+        h = hidden
+    else:
+        temb = block.time_emb_proj(block.nonlinearity(emb))[:, :, None, None]
+        h = hidden.add_(temb) if inplace and fresh else hidden + temb
     h = _act(block, block.norm2(h), inplace)  # two statements: the pre-norm tensor is freed before conv2 runs
     h = block.conv2(block.dropout(h))
     if not inplace:

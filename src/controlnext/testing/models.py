@@ -26,11 +26,12 @@ TINY_CONTROLNEXT_SVD = dict(
 )
 
 
-def tiny_controlnext(variant: str, out_channels: int = 32, seed: int = 0) -> ControlNeXtModel:
-    """A small module with ``variant``'s structure and application rules (not its published channel counts)."""
+def tiny_controlnext(variant: str, out_channels: int = 32, seed: int = 0, **overrides) -> ControlNeXtModel:
+    """A small module with ``variant``'s structure and application rules (not its published channel counts);
+    ``overrides`` change config fields (e.g. ``use_timestep=False``)."""
     torch.manual_seed(seed)
     sizes = {"sd15": TINY_CONTROLNEXT_SD15, "svd": TINY_CONTROLNEXT_SVD}.get(variant, TINY_CONTROLNEXT)
-    return ControlNeXtModel.from_variant(variant, out_channels=out_channels, **sizes)
+    return ControlNeXtModel.from_variant(variant, out_channels=out_channels, **{**sizes, **overrides})
 
 
 def tiny_unet(family: str = "sd15", seed: int = 0):
