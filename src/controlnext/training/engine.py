@@ -121,15 +121,23 @@ def make_accelerator(
     same accelerate code as on GPUs. FSDP1 and DeepSpeed need accelerators (DeepSpeed: see docs/training.md).
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env
 
     output_dir = Path(output_dir)
+    on_cpu = cpu or not has_accelerator()
+    handlers = []
+    if on_cpu and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        # accelerate turns DeepSpeed off when told to use the CPU; DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu)
+        # runs it over gloo when the process group is gloo (without oneCCL's torch bindings).
+        on_cpu = False
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
-        cpu=cpu or not has_accelerator(),
+        cpu=on_cpu,
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=handlers,
     )
     _fsdp2_over_gloo(accelerator)
     check_mixed_precision(accelerator)
@@ -305,7 +313,8 @@ class Trainer:
     ``model`` is the command's :class:`ControlledBackbone` (not yet prepared); ``backbone_names`` the trained
     backbone parameters (the whole control module is trained); ``resume_key`` the settings that decide the data
     order (a changed one refuses the resume unless ``allow_changed_settings``); ``config`` is stored in each
-    checkpoint. ``loader``, when given, is prepared with the model (accelerate shards its batches).
+    checkpoint. ``loader``, when given, is prepared with the model (accelerate shards its batches);
+    ``batch_size`` (per process) is what DeepSpeed's config is told when the loader's batches come from a sampler.
     """
 
     def __init__(
@@ -323,6 +332,7 @@ class Trainer:
         allow_changed_settings: bool = False,
         ema_decay: float | None = None,
         loader=None,
+        batch_size: int | None = None,
     ):
         self.accelerator = accelerator
         self.settings = settings
@@ -347,6 +357,7 @@ class Trainer:
             f"{self._prefix}.{n}" for n in self.backbone_names
         ]
 
+        _tell_deepspeed(accelerator, batch_size)
         prepared = accelerator.prepare(model, optimizer, *([] if loader is None else [loader]), lr_scheduler)
         self.model, self.optimizer = prepared[0], prepared[1]
         self.loader = prepared[2] if loader is not None else None
@@ -354,6 +365,7 @@ class Trainer:
         # After prepare: FSDP2 replaces the parameters (DTensors) and points the optimizer at the new ones.
         self.trained_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.sharded = is_sharded(accelerator)
+        _check_control_unit(self.raw)
         self.ema = None
         if ema_decay is not None:
             if self.sharded:
@@ -602,6 +614,29 @@ class Trainer:
 
 
 _END = object()
+
+
+def _tell_deepspeed(accelerator, batch_size: int | None) -> None:
+    """DeepSpeed needs the per-process micro-batch size; a loader with a batch sampler has no ``batch_size``."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or batch_size is None:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = batch_size
+
+
+def _check_control_unit(model: ControlledBackbone) -> None:
+    """The control module runs inside the backbone's call, through its own methods: FSDP must keep it in the outer
+    unit (an FSDP unit inside it would never be all-gathered)."""
+    inner = [name for name, m in model.controlnext.named_modules() if name and type(m).__name__.startswith("FSDP")]
+    if inner:
+        raise ValueError(
+            f"FSDP wrapped parts of the control module ({inner[:3]}): name only backbone classes in "
+            "fsdp_transformer_layer_cls_to_wrap (e.g. CrossAttnDownBlock2D,UpBlock2D; the control module also "
+            "uses ResnetBlock2D), or use the policy of configs/accelerate/fsdp.yaml."
+        )
 
 
 def _batch_size(batch) -> int:

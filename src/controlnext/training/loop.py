@@ -415,6 +415,7 @@ def _make_trainer(cfg: TrainConfig, accelerator, models: _Models, data: _Data, p
         allow_changed_settings=cfg.allow_changed_settings,
         ema_decay=cfg.ema_decay if cfg.use_ema else None,
         loader=data.loader,
+        batch_size=cfg.train_batch_size,
     )
 
 
