@@ -128,3 +128,47 @@ def test_both_trainers_use_the_one_loop(module):
     for needle in ("accelerator.accumulate", "optimizer.step()", "save_checkpoint(", "accelerator.backward"):
         assert needle not in source, needle
     assert "Trainer(" in source and ".run(" in source
+
+
+def _profile_args(sd15, shapes, out):
+    return [
+        "--model", str(sd15), "--dataset", str(shapes), "--output-dir", str(out), "--resolution", "64",
+        "--controlnext-config", "tiny", "--train-batch-size", "4", "--cpu-threads", "1", "--report-to", "none",
+        "--max-train-steps", "100", "--checkpointing-steps", "2", "--profile", "4",
+    ]  # fmt: skip
+
+
+def test_profile_reports_rates_data_wait_and_memory_then_stops(sd15, shapes, tmp_path, capsys, monkeypatch):
+    import time
+
+    from controlnext.training import loop, parse_train_args, train
+
+    run = train(parse_train_args(_profile_args(sd15, shapes, tmp_path / "p")))
+    (row,) = run.profile
+    assert run.global_step == 4 and row["steps_measured"] == 3  # the start-up step is left out
+    assert row["samples_per_second"] > 0 and 0 <= row["data_wait_share"] <= row["data_wait_share_max"] <= 1
+    assert row["peak_memory_mib"] > 50 and row["memory"] == "RSS"
+    out = capsys.readouterr().out
+    assert "samples/s" in out and "data wait" in out and "MiB (RSS)" in out
+    assert json.loads((tmp_path / "p" / "profile.json").read_text()) == run.profile
+    assert not (tmp_path / "p" / "checkpoints").exists() and not (tmp_path / "p" / "controlnext.safetensors").exists()
+
+    real = loop.collate
+
+    def slow(samples):  # a data path slower than the step: the wait must show
+        time.sleep(0.5)
+        return real(samples)
+
+    monkeypatch.setattr(loop, "collate", slow)
+    (slow_row,) = train(parse_train_args(_profile_args(sd15, shapes, tmp_path / "slow"))).profile
+    assert slow_row["data_wait_share"] > 0.5 > row["data_wait_share"], (slow_row, row)
+    with pytest.raises(ValueError, match="--profile must be >= 1, got 0"):
+        train(parse_train_args(_profile_args(sd15, shapes, tmp_path / "x")[:-1] + ["0"]))
+
+
+def test_fsdp_units_inside_the_control_module_are_refused():
+    model = ControlledBackbone(tiny_unet("sd15"), tiny_controlnext("sd15-training", out_channels=32))
+    block = model.controlnext.down_res[0]
+    block.__class__ = type("FSDPResnetBlock2D", (type(block),), {})  # what fully_shard does to a wrapped module
+    with pytest.raises(ValueError, match="FSDP wrapped parts of the control module"):
+        engine._check_control_unit(model)

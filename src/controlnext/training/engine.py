@@ -73,12 +73,14 @@ __all__ = [
     "Profile",
     "TrainData",
     "Trainer",
+    "format_profile",
     "has_accelerator",
     "is_sharded",
     "make_accelerator",
     "make_lr_scheduler",
     "make_optimizer",
     "on_main",
+    "peak_memory",
     "release_accelerate_state",
 ]
 
@@ -283,22 +285,58 @@ class TrainData:
 
 @dataclass
 class Profile:
-    """``--profile``: per-step wall time and the part of it spent waiting for the next batch."""
+    """``--profile``: per optimisation step, its wall time, the part spent waiting for batches, its samples."""
 
-    steps: int = 0
-    samples: int = 0
-    seconds: float = 0.0
-    data_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
-    wait_share: list[float] = field(default_factory=list)
+    wait_seconds: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
 
     def add(self, seconds: float, waited: float, samples: int) -> None:
-        self.steps += 1
-        self.samples += samples
-        self.seconds += seconds
-        self.data_seconds += waited
         self.step_seconds.append(seconds)
-        self.wait_share.append(waited / seconds if seconds > 0 else 0.0)
+        self.wait_seconds.append(waited)
+        self.samples.append(samples)
+
+    def summary(self, device: torch.device) -> dict:
+        """This process's rates and peak memory; the first step (one-time start-up: workers, allocator) is left
+        out when there are others."""
+        first = 1 if len(self.step_seconds) > 1 else 0
+        secs, waits, samples = self.step_seconds[first:], self.wait_seconds[first:], self.samples[first:]
+        shares = [w / t for w, t in zip(waits, secs) if t > 0]
+        return dict(
+            steps_measured=len(secs),
+            samples_per_second=sum(samples) / sum(secs) if sum(secs) > 0 else 0.0,
+            step_ms=1000 * sum(secs) / max(1, len(secs)),
+            data_wait_share=sum(waits) / sum(secs) if sum(secs) > 0 else 0.0,
+            data_wait_share_max=max(shares, default=0.0),
+            **peak_memory(device),
+            step_seconds=self.step_seconds,
+            wait_seconds=self.wait_seconds,
+        )
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory of this process: CUDA's ``max_memory_allocated``, else the peak resident set size (RSS)."""
+    if device.type == "cuda":
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20, "memory": "cuda allocated"}
+    try:
+        import resource
+    except ImportError:  # Windows
+        return {"peak_memory_mib": float("nan"), "memory": "unknown"}
+    return {"peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "RSS"}
+
+
+def format_profile(rows: list[dict]) -> str:
+    """The ``--profile`` table: one line per process."""
+    lines = [
+        f"profile: {rows[0]['steps_measured']} steps measured per process (the first step, start-up, left out)",
+        "process | samples/s | step ms | data wait (mean / max share of a step) | peak memory",
+    ]
+    for rank, r in enumerate(rows):
+        lines.append(
+            f"{rank} | {r['samples_per_second']:.1f} | {r['step_ms']:.1f} | {100 * r['data_wait_share']:.1f} % / "
+            f"{100 * r['data_wait_share_max']:.1f} % | {r['peak_memory_mib']:.0f} MiB ({r['memory']})"
+        )
+    return "\n".join(lines)
 
 
 @dataclass
@@ -601,6 +639,18 @@ class Trainer:
             self.save()
         if on_step is not None:
             on_step(st.global_step)
+
+    def profile_report(self) -> list[dict]:
+        """``--profile``: every process's :meth:`Profile.summary`, gathered; printed and written to
+        ``OUTPUT/profile.json`` by the main process (call on every process)."""
+        from accelerate.utils import gather_object
+
+        rows = gather_object([self.profile.summary(self.accelerator.device)])
+        if self.main:
+            print(format_profile(rows))
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "profile.json").write_text(json.dumps(rows, indent=1) + "\n")
+        return rows
 
     def finish(self) -> None:
         """The last step's checkpoint (unless it was just written; none after ``--profile``)."""

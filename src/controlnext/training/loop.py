@@ -81,7 +81,7 @@ class TrainResult:
     bad_rows: list[tuple[str, str]] = field(default_factory=list)
     rank_fingerprints: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
-    profile: dict | None = None
+    profile: list[dict] | None = None  # --profile: per process, see engine.Profile.summary
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
@@ -392,6 +392,7 @@ def _make_trainer(cfg: TrainConfig, accelerator, models: _Models, data: _Data, p
         checkpoints_total_limit=cfg.checkpoints_total_limit,
         logging_steps=cfg.logging_steps,
         exit_after_steps=cfg.exit_after_steps,
+        profile_steps=cfg.profile,
     )
     resume_key = dict(
         seed=cfg.seed,
@@ -478,6 +479,10 @@ def _finish(
         trainable=models.trainable,
         rank_fingerprints=prints,
     )
+    if trainer.profile is not None:  # --profile: the measurements only
+        result.profile = trainer.profile_report()
+        accelerator.end_training()
+        return result
     if step < plan.max_steps:  # --exit-after-steps: leave the checkpoint, export nothing yet
         _say(accelerator, f"stopped at step {step} of {plan.max_steps}; continue with --resume-from-checkpoint latest")
         accelerator.end_training()
