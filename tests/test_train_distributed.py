@@ -4,7 +4,7 @@ accelerate starts several CPU processes only through mpirun with `--cpu`; with a
 torchrun, and on a machine without GPUs the trainer (or its `--cpu` flag) makes them one gloo process group. Every
 file of configs/accelerate/ runs here, with `--num_processes 2 --mixed_precision no` on the command line: DDP
 (8gpu.yaml), two machines of one process each on localhost (multinode.yaml), FSDP2 (fsdp.yaml), DeepSpeed ZeRO-2
-(deepspeed_zero2.yaml, with DeepSpeed's CPU accelerator) and one process (1gpu.yaml).
+and ZeRO-3 (deepspeed_zero*.yaml, with DeepSpeed's CPU accelerator) and one process (1gpu.yaml).
 """
 
 from __future__ import annotations
@@ -193,6 +193,29 @@ def test_distributed_deepspeed_zero2_on_cpu_matches_ddp(sd15, shapes, two_proces
     _assert_matches_ddp(out, two_process_run[0], atol=1e-4)  # measured: identical
     files = ckpt.verify_checkpoint(out / "checkpoints" / "checkpoint-6")["files"]
     assert any(f.startswith("pytorch_model/") for f in files)  # DeepSpeed's own checkpoint inside ours
+
+
+@pytest.fixture(scope="module")
+def zero3_run(sd15, shapes, tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("zero3")
+    _launch(_args(sd15, shapes, out, 2), "deepspeed_zero3.yaml")
+    return out
+
+
+def test_distributed_deepspeed_zero3_on_cpu_matches_ddp(zero3_run, two_process_run):
+    _assert_matches_ddp(zero3_run, two_process_run[0], atol=1e-4)  # measured: 4e-6
+
+
+def test_distributed_deepspeed_zero3_resume_replays_the_same_run(sd15, shapes, zero3_run, tmp_path):
+    resumed = tmp_path / "zero3-resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(zero3_run / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    proc = _launch(_args(sd15, shapes, resumed, 2, "--resume-from-checkpoint", "latest"), "deepspeed_zero3.yaml")
+    assert "at step 3" in proc.stdout and _losses(resumed) == _losses(zero3_run)
+    a, b = _weights(zero3_run), _weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
 def test_distributed_two_machines_on_localhost_equal_two_processes(sd15, shapes, two_process_run, tmp_path):

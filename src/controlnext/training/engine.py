@@ -74,6 +74,7 @@ __all__ = [
     "TrainData",
     "Trainer",
     "format_profile",
+    "frozen_loading",
     "has_accelerator",
     "is_sharded",
     "make_accelerator",
@@ -164,6 +165,24 @@ def _fsdp2_over_gloo(accelerator) -> None:
     state.fsdp_plugin = plugin
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     state.distributed_type = DistributedType.FSDP
+
+
+@contextlib.contextmanager
+def frozen_loading(accelerator):
+    """A context for loading the frozen base under DeepSpeed ZeRO-3: transformers partitions every model it loads
+    while a ZeRO-3 config is registered, and a model outside the DeepSpeed engine is never gathered again."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or int(plugin.zero_stage or 0) != 3:
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def release_accelerate_state() -> None:

@@ -50,6 +50,7 @@ from .engine import (
     LoopSettings,
     TrainData,
     Trainer,
+    frozen_loading,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -224,9 +225,10 @@ class _Models:
 
 
 def _build_models(cfg: TrainConfig, accelerator) -> _Models:
-    base: BaseModel = load_base_model(
-        cfg.pretrained_model, cfg.family, cfg.revision, cfg.base_variant, cfg.pretrained_vae
-    )
+    with frozen_loading(accelerator):
+        base: BaseModel = load_base_model(
+            cfg.pretrained_model, cfg.family, cfg.revision, cfg.base_variant, cfg.pretrained_vae
+        )
     family = base.family
     fam = get_family(family)
     resolution = cfg.resolution or fam.resolution
