@@ -172,3 +172,12 @@ def test_fsdp_units_inside_the_control_module_are_refused():
     block.__class__ = type("FSDPResnetBlock2D", (type(block),), {})  # what fully_shard does to a wrapped module
     with pytest.raises(ValueError, match="FSDP wrapped parts of the control module"):
         engine._check_control_unit(model)
+
+
+def test_sharded_weight_check_stops_every_process_when_any_shard_is_bad():
+    from controlnext.training.guards import NonFiniteError, check_weights
+
+    mine = [("controlnext.scale", torch.ones(2))]  # this process's shards are fine
+    check_weights(mine, 3, None, gather=lambda bad: bad)
+    with pytest.raises(NonFiniteError, match=r"\['unet.to_out'\]"):  # another process found a NaN in its shard
+        check_weights(mine, 3, None, gather=lambda bad: bad + ["unet.to_out"])

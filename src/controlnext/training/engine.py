@@ -446,8 +446,9 @@ class Trainer:
         return {k: _full(v).detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
     def trained_named(self) -> list[tuple[str, torch.Tensor]]:
+        """The trained parameters; with sharded weights, this process's shards."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        return [(n, _full(p)) for n, p in named] if self.sharded else named
+        return [(n, _local(p)) for n, p in named] if self.sharded else named
 
     def final_state(self) -> dict[str, torch.Tensor]:
         """The trained tensors to export (float32, CPU), complete on the main process. Call on every process:
@@ -456,6 +457,14 @@ class Trainer:
         if not self.main:
             return {}
         return {k: v.detach().to("cpu", torch.float32) for k, v in state.items() if k in set(self.trainable_keys)}
+
+    def _gather_names(self):
+        """Under sharding, every process's non-finite findings are collected (see ``check_weights``)."""
+        if not self.sharded or self.accelerator.num_processes == 1:
+            return None
+        from accelerate.utils import gather_object
+
+        return gather_object
 
     def last_good(self) -> str | None:
         """The newest checkpoint this run can go back to (named in the error when training diverges)."""
@@ -557,7 +566,7 @@ class Trainer:
     def save(self) -> Path:
         """Check the trained tensors (no NaN/inf is ever written), then write ``checkpoint-<step>``."""
         step = self.state.global_step
-        check_weights(self.trained_named(), step, self.last_good())
+        check_weights(self.trained_named(), step, self.last_good(), self._gather_names())
         path = save_checkpoint(self.accelerator, self.checkpoints, step, self.settings.checkpoints_total_limit)
         self.last_checkpoint = step
         return path
@@ -720,6 +729,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP2's sharded parameter) gathered to its full value; any other tensor as it is."""
     full = getattr(t, "full_tensor", None)
     return full() if callable(full) else t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded parameter (FSDP2's DTensor, DeepSpeed ZeRO-3's partition)."""
+    to_local = getattr(t, "to_local", None)
+    if callable(to_local):
+        return to_local()
+    return getattr(t, "ds_tensor", t)
 
 
 def _read_checkpoint_file(folder: Path, name: str) -> dict[str, torch.Tensor]:
