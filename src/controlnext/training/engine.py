@@ -408,7 +408,8 @@ class Trainer:
         self.last_checkpoint = -1
         self.profile: Profile | None = None
         self.seconds = 0.0
-        self._data_state: dict | None = None
+        self._data_state: dict | None = None  # this process's saved data position, until the loop applies it
+        self._dataset: Any = None  # TrainData.dataset of the running loop (asked for its position at checkpoints)
         self._prefix = model._denoiser
         self.trainable_keys = [f"controlnext.{k}" for k in model.controlnext.state_dict()] + [
             f"{self._prefix}.{n}" for n in self.backbone_names
@@ -572,8 +573,6 @@ class Trainer:
         return path
 
     # ---- the loop
-    _dataset: Any = None
-
     def _position(self, dataset, epoch: int, first: bool) -> bool:
         """Data-position protocol at the start of ``epoch``; True when the dataset restored a saved position."""
         set_epoch = getattr(dataset, "set_epoch", None)
