@@ -50,7 +50,7 @@ def _killed_at(step, args):
     """Run training in a child process that kills itself with SIGKILL when it starts step ``step``."""
 
     def child():
-        import controlnext.training.loop as loop
+        import controlnext.training.engine as loop  # the core checks every micro-batch's loss
 
         real = loop.check_loss
 

@@ -241,6 +241,13 @@ class TrainConfig:
         default_text="run to the end",
         group=OUTPUTS,
     )
+    profile: int | None = option(
+        None,
+        help="Measure N optimisation steps, print samples/s per process, the data-wait share of each step and peak "
+        "memory (also OUTPUT/profile.json), then stop: no checkpoint, no outputs.",
+        default_text="off",
+        group=OUTPUTS,
+    )
     save_unet_as: str = shared("save_unet_as", "values")
     push_to_hub: bool = option(
         False,
@@ -357,6 +364,7 @@ class TrainConfig:
             self.exit_after_steps is None or self.exit_after_steps >= 1,
             f"--exit-after-steps must be >= 1, got {self.exit_after_steps}.",
         )
+        need(self.profile is None or self.profile >= 1, f"--profile must be >= 1, got {self.profile}.")
         need(
             self.save_unet_as in ("values", "deltas"),
             f"--save-unet-as must be values or deltas, got {self.save_unet_as!r}.",

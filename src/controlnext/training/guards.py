@@ -8,7 +8,7 @@ are refused before they are checkpointed or exported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -45,9 +45,20 @@ def _non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], i
     return bad, total
 
 
-def check_weights(named: Iterable[tuple[str, torch.Tensor]], step: int, last_checkpoint: str | None = None) -> None:
-    """Raise :class:`NonFiniteError` if a trained tensor holds NaN or inf after step ``step`` (before it is saved)."""
+def check_weights(
+    named: Iterable[tuple[str, torch.Tensor]],
+    step: int,
+    last_checkpoint: str | None = None,
+    gather: Callable[[list[str]], list[str]] | None = None,
+) -> None:
+    """Raise :class:`NonFiniteError` if a trained tensor holds NaN or inf after step ``step`` (before it is saved).
+
+    With sharded weights each process checks its own shards; ``gather`` (e.g. accelerate's ``gather_object``)
+    collects every process's findings, so that all of them stop together.
+    """
     bad, total = _non_finite(named)
+    if gather is not None:
+        bad = sorted(set(gather(bad)))
     if bad:
         raise NonFiniteError(
             f"{len(bad)} of {total} trained tensors hold NaN or inf values after step {step} (e.g. {bad[:3]}); they "

@@ -655,6 +655,7 @@ class ShardStream:
         self.dataset = _ShardDataset(shards, settings, rank, world, max(1, num_workers), **dataset_kw)
         self._len = self.dataset.plan(0)[0]  # the same every epoch
         self.epoch = 0
+        self._selected: int | None = None  # the epoch the loop last selected with set_epoch
         self.batches = 0  # batches of this epoch received
         self.positions: dict[int, tuple[int, int]] = {}
 
@@ -663,6 +664,7 @@ class ShardStream:
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch; a position restored inside another epoch is an error (it would be dropped)."""
+        self._selected = epoch
         if epoch != self.epoch:
             if 0 < self.batches < len(self):
                 raise ValueError(
@@ -727,6 +729,8 @@ class ShardStream:
             )
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
         self.positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
+        if self._selected is not None and self._selected != self.epoch:
+            self.set_epoch(self._selected)  # the loop selected its epoch first: a finished epoch moves on to it
 
     def save(self, folder: Path, rank: int) -> None:
         """Write this process's position into a checkpoint folder (atomically)."""

@@ -11,8 +11,9 @@ One optimisation step, as in the published SVD training:
    EDM-weighted denoising error (:func:`~controlnext.training.video.edm.edm_loss`).
 
 Everything random is drawn from per-sample generators seeded by (seed, step, micro-step, position), and the data
-order depends only on (seed, step), so resuming from a checkpoint reproduces an uninterrupted run. Checkpoints
-use the training package's atomic ``checkpoint-N`` folders (``accelerator.save_state``).
+order depends only on (seed, step), so resuming from a checkpoint reproduces an uninterrupted run. The loop,
+checkpoints, resume and guards are the shared :class:`~controlnext.training.engine.Trainer`'s (as for
+``controlnext train``); this module supplies the models, the data and the EDM objective.
 """
 
 from __future__ import annotations
@@ -26,22 +27,23 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...inject import injection_channels
 from ...models.controlnext import ControlNeXtModel
-from ..checkpoint import (
-    MANIFEST,
-    check_resume_settings,
-    lock_output_dir,
-    remove_partial,
-    resolve_resume,
-    save_checkpoint,
-    write_text_atomic,
-)
+from ..checkpoint import write_text_atomic
 from ..core import ControlledBackbone, randn, sample_generators
+from ..engine import (
+    LoopSettings,
+    TrainData,
+    Trainer,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    output_lock,
+    release_accelerate_state,
+)
 from ..export import staged_outputs
-from ..guards import check_loss, check_mixed_precision, check_weights, warn_non_finite
+from ..guards import warn_non_finite
 from ..trainable import apply_trainable, parameter_groups, select_unet_parameters
 from .config import VideoTrainConfig
 from .data import StepBatchSampler, VideoPoseDataset, collate_video
@@ -142,159 +144,90 @@ class _Batcher:
 
 def train_video(cfg: VideoTrainConfig) -> VideoTrainResult:
     """Run one video training as configured (call on every process of a distributed launch)."""
-    from ..loop import _release_accelerate_state
-
     try:
         with contextlib.ExitStack() as held:  # the output folder's lock, released however the run ends
             return _train_video(cfg, held)
     finally:
-        _release_accelerate_state()  # a later run in this process may use other accelerate settings
+        release_accelerate_state()  # a later run in this process may use other accelerate settings
 
 
 def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from diffusers import StableVideoDiffusionPipeline
-    from diffusers.optimization import get_scheduler
-
     cfg.validate()
     out_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        project_config=ProjectConfiguration(project_dir=str(out_dir)),
+    accelerator = make_accelerator(
+        out_dir, gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision
     )
+    held.enter_context(output_lock(accelerator, out_dir))
     main = accelerator.is_main_process
-    check_mixed_precision(accelerator)
-    if main:
-        held.enter_context(lock_output_dir(out_dir))
-        remove_partial(out_dir / "checkpoints")
-    device = accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-    # ---- models
-    try:
-        base = StableVideoDiffusionPipeline.from_pretrained(cfg.pretrained_model)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Could not load the base SVD model {cfg.pretrained_model!r}: {err}") from err
-    unet, vae, image_encoder = base.unet, base.vae, base.image_encoder
-    if cfg.unet_weights:
-        from ...loading import load_unet_weights
-
-        load_unet_weights(unet, cfg.unet_weights, allow_pickle=cfg.allow_pickle)
-    for what, module in (("unet", unet), ("vae", vae), ("image encoder", image_encoder)):
-        source = cfg.unet_weights if what == "unet" and cfg.unet_weights else cfg.pretrained_model
-        warn_non_finite(module, f"{source} ({what})")
-    controlnext = _make_controlnext(cfg, unet)
-    unet_names = select_unet_parameters(unet, cfg.train_unet)
-    trainable = apply_trainable(unet, controlnext, unet_names)
-    if main:
-        print(f"video training: control module {controlnext.config.variant}; UNet patterns {cfg.train_unet}")
-        print(trainable.summary())
-    base_values = {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if n in set(unet_names)}
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        controlnext.enable_gradient_checkpointing()
-    for p in unet.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(dtype)
-    for frozen in (vae, image_encoder):
-        frozen.requires_grad_(False).eval().to(device)
-        if dtype != torch.float32:
-            frozen.to(dtype=dtype)
-    unet.train()
-    controlnext.train()
+    base, unet, controlnext, unet_names, base_values = _build_models(cfg, accelerator, dtype)
 
     # ---- data and optimisation
     dataset = VideoPoseDataset(cfg.dataset, cfg.width, cfg.height, cfg.num_frames, cfg.sample_stride)
-    per_step = cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    procs = accelerator.num_processes
+    per_step = cfg.train_batch_size * procs * cfg.gradient_accumulation_steps
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(len(dataset) / per_step)
     groups = parameter_groups(unet, controlnext, unet_names, cfg.learning_rate, cfg.unet_learning_rate)
-    optimizer = torch.optim.AdamW(
+    optimizer = make_optimizer(
         groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
     )
-    procs = accelerator.num_processes
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * procs, num_training_steps=max_steps * procs
+    lr_scheduler = make_lr_scheduler(
+        cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps, max_steps=max_steps, num_processes=procs
     )
-    model = ControlledBackbone(unet, controlnext)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    batcher = _Batcher(cfg, vae, image_encoder, base.feature_extractor, dtype)
-
-    # ---- resume
-    global_step, losses = 0, []
-    from ..loop import _on_main
-
-    # Verified (sizes and SHA-256) once, on the main process.
-    resume = _on_main(accelerator, lambda: resolve_resume(cfg.resume_from_checkpoint, out_dir / "checkpoints"))
-    if resume is not None:
-        manifest = json.loads((resume / MANIFEST).read_text())
-        check_resume_settings(resume, manifest.get("resume_key", {}), cfg.resume_key(procs), cfg.allow_changed_settings)
-        accelerator.load_state(str(resume))
-        global_step, losses = int(manifest["step"]), list(manifest.get("losses", []))
-        if main:
-            print(f"resumed from {resume} at step {global_step}")
-
-    sampler = StepBatchSampler(
-        len(dataset), cfg.train_batch_size, cfg.seed, max_steps, global_step, cfg.gradient_accumulation_steps,
-        accelerator.process_index, procs,
-    )  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_video, num_workers=cfg.dataloader_num_workers
+    settings = LoopSettings(
+        max_steps=max_steps,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        checkpointing_steps=cfg.checkpointing_steps,
+        checkpoints_total_limit=cfg.checkpoints_total_limit,
+        description="video training",
     )
+    trainer = Trainer(
+        accelerator,
+        ControlledBackbone(unet, controlnext),
+        unet_names,
+        optimizer,
+        lr_scheduler,
+        settings,
+        output_dir=out_dir,
+        resume_key=cfg.resume_key(procs),
+        config=cfg.to_dict(),
+        allow_changed_settings=cfg.allow_changed_settings,
+    )
+    batcher = _Batcher(cfg, base.vae, base.image_encoder, base.feature_extractor, dtype)
+    trainer.resume(cfg.resume_from_checkpoint)
+
+    def batches(epoch: int, skip: int):
+        """Every remaining step in one pass: the sampler splits each global batch over processes and micro-steps."""
+        sampler = StepBatchSampler(
+            len(dataset), cfg.train_batch_size, cfg.seed, max_steps, skip // cfg.gradient_accumulation_steps,
+            cfg.gradient_accumulation_steps, accelerator.process_index, procs,
+        )  # fmt: skip
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate_video, num_workers=cfg.dataloader_num_workers
+        )
+
+    def loss(model: nn.Module, batch: dict, step: int, micro: int) -> torch.Tensor:
+        first = (micro * procs + accelerator.process_index) * cfg.train_batch_size
+        gens = sample_generators(cfg.seed, step, micro, first, batch["pixel_values"].shape[0])
+        return batcher.loss(model, batch, gens)
 
     def probe() -> float:
         """Loss on the first clip's first sample with fixed noise (comparable across the run)."""
         batch = collate_video([dataset[(0, cfg.seed)]])
-        model.eval()
+        trainer.model.eval()
         with torch.no_grad():
-            value = batcher.loss(model, batch, sample_generators(cfg.seed, PROBE_STREAM, 0, 0, 1)).item()
-        model.train()
+            value = batcher.loss(trainer.model, batch, sample_generators(cfg.seed, PROBE_STREAM, 0, 0, 1)).item()
+        trainer.model.train()
         return value
 
-    probe_before = probe() if cfg.probe_loss and global_step == 0 else None
-    bar = tqdm(total=max_steps, initial=global_step, desc="video training", disable=not main)
-    last_good = str(resume) if resume is not None else None
-
-    def trained_named() -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-    micro = 0
-    step_loss = 0.0
-    for batch in loader:
-        first = (micro * procs + accelerator.process_index) * cfg.train_batch_size
-        gens = sample_generators(cfg.seed, global_step, micro, first, batch["pixel_values"].shape[0])
-        with accelerator.accumulate(model):
-            loss = batcher.loss(model, batch, gens)
-            check_loss(loss, global_step + 1, last_good)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm:
-                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step_loss += accelerator.gather(loss.detach()[None]).mean().item() / cfg.gradient_accumulation_steps
-        micro += 1
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        losses.append(step_loss)
-        bar.update()
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        micro, step_loss = 0, 0.0
-        if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0 and global_step < max_steps:
-            check_weights(trained_named(), global_step, last_good)
-            extra = {"losses": losses, "resume_key": cfg.resume_key(procs)}
-            last_good = str(save_checkpoint(accelerator, out_dir / "checkpoints", global_step,
-                                            cfg.checkpoints_total_limit, extra))  # fmt: skip
-    bar.close()
+    probe_before = probe() if cfg.probe_loss and trainer.state.global_step == 0 else None
+    trainer.run(TrainData(batches, updates_per_epoch=max_steps), loss)
+    trainer.finish()
 
     # ---- outputs
-    controlnext_out = accelerator.unwrap_model(model).controlnext
+    controlnext_out = trainer.raw.controlnext
     files: dict[str, str] = {}
-    extra = {"losses": losses, "resume_key": cfg.resume_key(procs)}
-    check_weights(trained_named(), global_step, last_good)
-    save_checkpoint(accelerator, out_dir / "checkpoints", global_step, cfg.checkpoints_total_limit, extra)
     if main:
         from ...loading import save_controlnext_file, save_unet_weights
 
@@ -311,4 +244,45 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
     if main and probe_losses:
         print(f"probe loss: {probe_losses[0]:.4f} -> {probe_losses[1]:.4f}")
     accelerator.end_training()
-    return VideoTrainResult(out_dir, global_step, losses, controlnext_out, unet, unet_names, probe_losses, files)
+    losses = [value for _, value in trainer.state.losses]
+    return VideoTrainResult(
+        out_dir, trainer.state.global_step, losses, controlnext_out, unet, unet_names, probe_losses, files
+    )
+
+
+def _build_models(cfg: VideoTrainConfig, accelerator, dtype: torch.dtype):
+    """The SVD base (its UNet, VAE and image encoder cast and placed), the control module and the trained set."""
+    from diffusers import StableVideoDiffusionPipeline
+
+    try:
+        base = StableVideoDiffusionPipeline.from_pretrained(cfg.pretrained_model)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Could not load the base SVD model {cfg.pretrained_model!r}: {err}") from err
+    unet, vae, image_encoder = base.unet, base.vae, base.image_encoder
+    if cfg.unet_weights:
+        from ...loading import load_unet_weights
+
+        load_unet_weights(unet, cfg.unet_weights, allow_pickle=cfg.allow_pickle)
+    for what, module in (("unet", unet), ("vae", vae), ("image encoder", image_encoder)):
+        source = cfg.unet_weights if what == "unet" and cfg.unet_weights else cfg.pretrained_model
+        warn_non_finite(module, f"{source} ({what})")
+    controlnext = _make_controlnext(cfg, unet)
+    unet_names = select_unet_parameters(unet, cfg.train_unet)
+    trainable = apply_trainable(unet, controlnext, unet_names)
+    if accelerator.is_main_process:
+        print(f"video training: control module {controlnext.config.variant}; UNet patterns {cfg.train_unet}")
+        print(trainable.summary())
+    base_values = {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if n in set(unet_names)}
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        controlnext.enable_gradient_checkpointing()
+    for p in unet.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    for frozen in (vae, image_encoder):
+        frozen.requires_grad_(False).eval().to(accelerator.device)
+        if dtype != torch.float32:
+            frozen.to(dtype=dtype)
+    unet.train()
+    controlnext.train()
+    return base, unet, controlnext, unet_names, base_values
