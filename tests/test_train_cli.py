@@ -398,3 +398,25 @@ def test_non_finite_loaded_weights_are_named_in_a_warning(sd15, shapes, sd15_run
         assert (key if start else name) in warning
         # Training from them gives a NaN loss at once: stopped at step 1, nothing written.
         assert code == 2 and re.search(r"loss is (nan|inf|-inf) at step 1", _error_line(capsys.readouterr().err))
+
+
+def test_timestep_free_module_trains_and_generates(sd15, shapes, sd15_run, tmp_path):
+    """--timestep-free: a module without timestep input is trained, exported and generates through the pipeline."""
+    from controlnext.loading import load_controlnext
+    from controlnext.pipelines import StableDiffusionControlNeXtPipeline
+
+    out = tmp_path / "tf"
+    result = train(parse_train_args(_args(sd15, shapes, out, "--max-train-steps", "2", "--timestep-free")))
+    assert result.controlnext.config.use_timestep is False
+    keys = set(load_file(out / "controlnext.safetensors"))
+    assert keys and not any(k.startswith("time_") for k in keys)
+    module = load_controlnext(out / "controlnext.safetensors")
+    assert module.config.use_timestep is False
+    pipe = StableDiffusionControlNeXtPipeline.from_pretrained(str(sd15), controlnext=module)
+    image = pipe("a red circle", control_image=torch.rand(3, 64, 64), num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    # A module with a timestep input cannot be continued as a timestep-free one.
+    timed = sd15_run[1] / "controlnext.safetensors"
+    with pytest.raises(ValueError, match="has a timestep input"):
+        train(parse_train_args(_args(sd15, shapes, tmp_path / "again", "--max-train-steps", "1", "--timestep-free",
+                                     "--controlnext", str(timed))))  # fmt: skip

@@ -1,4 +1,4 @@
-"""`controlnext bench`: per-step time, peak memory, parameters and FLOPs vs the base UNet and ControlNet."""
+"""`controlnext bench`: per-step time, peak memory, parameters and FLOPs vs the base model and ControlNet."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     presets = ", ".join(f"{n} ({p.description}, {p.resolution} px)" for n, p in PRESETS.items())
     p = sub.add_parser(
         "bench",
-        help="benchmark ControlNeXt against the base UNet and ControlNet",
+        help="benchmark ControlNeXt against the base model and ControlNet",
         description=(
             "Measure, in one interleaved run with random weights, the per-denoising-step time, peak memory, added "
-            "and trainable parameters and FLOPs of the base UNet, the UNet with ControlNeXt and the UNet with "
-            f"diffusers' ControlNet, with and without classifier-free guidance. Presets: {presets}."
+            "and trainable parameters and FLOPs of the base model (UNet or transformer), the base with ControlNeXt "
+            f"and the base with diffusers' ControlNet, with and without classifier-free guidance. Presets: {presets}."
         ),
     )
     p.add_argument("--preset", default="sd15-512", choices=list(PRESETS), help="model family and size")

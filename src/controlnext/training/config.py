@@ -108,6 +108,12 @@ class TrainConfig:
         choices=("cross_norm", "zero_conv"),
         group=MODEL,
     )
+    timestep_free: bool = option(
+        False,
+        help="Train a control module without timestep input: its whole output is computed once per generation, so "
+        "each step pays only Cross Normalization (docs/convergence.md). Not a published layout.",
+        group=MODEL,
+    )
     train_unet: list[str] | None = shared(
         "train_unet",
         None,

@@ -116,6 +116,11 @@ def _make_controlnext(cfg: TrainConfig, unet: nn.Module, family: str) -> Control
             module = load_controlnext(cfg.controlnext, family=family)
         else:
             module = ControlNeXtModel.from_pretrained(cfg.controlnext)
+        if cfg.timestep_free and module.config.use_timestep:
+            raise ValueError(
+                f"--controlnext {cfg.controlnext} has a timestep input; --timestep-free trains a module without one. "
+                "Drop --timestep-free, or start from a new module (no --controlnext)."
+            )
         if module.config.normalization != cfg.control_injection:
             raise ValueError(
                 f"--controlnext {cfg.controlnext} uses {module.config.normalization} injection but "
@@ -136,6 +141,8 @@ def _make_controlnext(cfg: TrainConfig, unet: nn.Module, family: str) -> Control
 
     point = overrides.get("injection_point", variant_config(variant)["injection_point"])
     overrides.setdefault("out_channels", injection_channels(unet, point))
+    if cfg.timestep_free:
+        overrides["use_timestep"] = False
     torch.manual_seed(cfg.seed)
     return ControlNeXtModel.from_variant(variant, normalization=cfg.control_injection, **overrides)
 
