@@ -98,9 +98,9 @@ class ControlSlot:
             self._static = static
         return static
 
-    def features(self, timestep: torch.Tensor | float | int) -> ControlNeXtOutput:
-        """The encoder's output at ``timestep``; a timestep-free module's is computed once per cached prefix."""
-        static = self.static()
+    def features(self, static: StaticFeatures, timestep: torch.Tensor | float | int) -> ControlNeXtOutput:
+        """The encoder's output at ``timestep`` from ``static`` (:meth:`static`'s result); a timestep-free module's
+        output is computed once per cached prefix."""
         if self._output is not None and self._output[0] is static:
             return self._output[1]
         out = self.module.forward_static(static, timestep)
@@ -292,7 +292,7 @@ class ControlNeXtAdapter:
                 # One timestep per UNet sample: give each condition row the timestep of a sample that uses it.
                 sample_index = index if frames == 1 else index[::frames] // frames
                 t = t.reshape(-1).new_empty(rows).scatter_(0, sample_index, t.reshape(-1))
-            out = slot.features(t)
+            out = slot.features(static, t)
             scale = out.scale * slot.scale
             if weight is not None and not slot.module.config.uncond_control:
                 # The raw scale is zeroed on the unconditional half, then the scale rule applies (the SVD releases).

@@ -96,7 +96,7 @@ class _ControlNeXtRow(_Row):
             if slot.module.config.use_timestep:
                 slot.static()
             else:
-                slot.features(inputs.timesteps[0])
+                slot.features(slot.static(), inputs.timesteps[0])
         self.adapter = adapter
         self._clock = _bracket_hooks(self, adapter) if self.clock_hooks else []
 

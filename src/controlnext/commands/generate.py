@@ -186,6 +186,7 @@ def _from_png(args: argparse.Namespace) -> None:
     for name, value in stored.items():
         if getattr(args, name) is None and value is not None:
             setattr(args, name, value)
+    args.stored_unet_files = s.get("unet_files")
 
 
 def _web_condition(png: Path, s: dict[str, Any]) -> str | None:
@@ -246,6 +247,11 @@ def _resolve_names(args: argparse.Namespace) -> list[tuple[str, str]]:
                         "is demo")  # fmt: skip
     if args.unet_weights is not None:
         unet_files.append((args.unet_weights, args.unet_weights_mode or "auto"))
+    stored = getattr(args, "stored_unet_files", None)
+    if stored and args.unet_weights is None:
+        # --from-png: the UNet files the PNG's run applied (a demo or zoo module's own, already resolved to files)
+        unet_files = [(str(p), str(m)) for p, m in stored]
+    args.applied_unet_files = unet_files
     return unet_files
 
 
@@ -535,6 +541,7 @@ def _save(img, path: Path, args, given: dict[str, Any], scheduler: str, index: i
         "controlnext_variant": args.controlnext_variant,
         "unet_weights": args.unet_weights,
         "unet_weights_mode": args.unet_weights_mode,
+        "unet_files": [list(f) for f in getattr(args, "applied_unet_files", [])],  # what was applied, in order
         "fit": args.fit,
         "image": str(Path(args.image).resolve()) if args.image else None,
         "mask": str(Path(args.mask).resolve()) if args.mask else None,
