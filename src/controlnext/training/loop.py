@@ -44,6 +44,14 @@ from .checkpoint import (
 from .config import TrainConfig
 from .core import ControlledBackbone, randn, sample_generators
 from .data import ColumnNames, ControlDataset, EpochBatchSampler, bucket_sizes, collate, open_source, scan_rows
+from .dit import (
+    TransformerPromptEncoder,
+    flow_matching_step,
+    flow_objective,
+    flow_settings,
+    is_transformer_base,
+    load_transformer_base,
+)
 from .export import export_outputs, write_model_card
 from .guards import check_loss, check_mixed_precision, check_weights, warn_non_finite
 from .objectives import ddpm_inputs, ddpm_loss
@@ -260,13 +268,15 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- models
-    base: BaseModel = load_base_model(
+    dit = is_transformer_base(cfg.pretrained_model, cfg.family)  # SD3 / Flux: see training/dit.py
+    base: BaseModel = (load_transformer_base if dit else load_base_model)(
         cfg.pretrained_model, cfg.family, cfg.revision, cfg.base_variant, cfg.pretrained_vae
     )
     family = base.family
     fam = get_family(family)
+    flow = flow_objective(cfg, fam)  # (objective, Flux guidance) for flow-matching families, else None
     resolution = cfg.resolution or fam.resolution
-    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    factor = 2 ** (len(base.vae.config.block_out_channels) - 1) * fam.latent_patch  # whole transformer patches
     for flag, size in (("--resolution", resolution), ("--bucket-step", cfg.bucket_step if cfg.bucketing else 0)):
         if size % factor:
             raise ValueError(f"{flag} must be a multiple of {factor} (this base's VAE downsampling), got {size}.")
@@ -275,7 +285,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     unet = base.unet
     controlnext = _make_controlnext(cfg, unet, family)
     patterns = cfg.train_unet if cfg.train_unet is not None else list(fam.trainable_patterns)
-    unet_names = select_unet_parameters(unet, patterns)
+    unet_names = select_unet_parameters(unet, fam.trainable(controlnext.config.injection_point, patterns))
     trainable = apply_trainable(unet, controlnext, unet_names)
     say(
         f"{family} base {cfg.pretrained_model}; control module {controlnext.config.variant} "
@@ -302,8 +312,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         module.to(device)
         if dtype != torch.float32:
             module.to(dtype=dtype)
-    prediction_type = cfg.prediction_type or base.noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
+    prediction_type = "flow" if flow else cfg.prediction_type or base.noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction", "flow"):
         raise ValueError(
             f"Unsupported prediction type {prediction_type!r} in the base scheduler; use --prediction-type."
         )
@@ -471,7 +481,11 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     if trackers:
         accelerator.init_trackers(cfg.tracker_project_name, config=_hparams(cfg))
     pairs = validation_pairs(cfg.validation_prompt, cfg.validation_image)
-    prompts = PromptEncoder(base, device, weight_dtype, cfg.text_embedding_cache)
+    if flow:
+        length = cfg.max_sequence_length
+        prompts = TransformerPromptEncoder(base, device, weight_dtype, cfg.text_embedding_cache, length)
+    else:
+        prompts = PromptEncoder(base, device, weight_dtype, cfg.text_embedding_cache)
     noise_scheduler = base.noise_scheduler
     sf = base.vae.config.scaling_factor
     shift = getattr(base.vae.config, "shift_factor", None) or 0.0
@@ -486,6 +500,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             dist = base.vae.encode(pixels).latent_dist
             latents = dist.mean + dist.std * randn(tuple(dist.mean.shape[1:]), gens, device, dist.mean.dtype)
             latents = ((latents - shift) * sf).to(weight_dtype)
+        if flow:
+            return flow_matching_step(model, base, *flow, prompts, batch, latents, gens)
         noise = randn(tuple(latents.shape[1:]), gens, device, latents.dtype)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * randn((latents.shape[1], 1, 1), gens, device, latents.dtype)
@@ -591,7 +607,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         check_weights(trained_named(), run.global_step, last_good())
         save_checkpoint(accelerator, ckpt_root, run.global_step, cfg.checkpoints_total_limit)
     accelerator.wait_for_everyone()
-    raw_unet = accelerator.unwrap_model(model).unet
+    raw_unet = accelerator.unwrap_model(model).backbone
     raw_control = accelerator.unwrap_model(model).controlnext
     prints = gather_object([fingerprint(trainable_state())])
     if run.global_step < max_steps:  # --exit-after-steps: leave the checkpoint, export nothing yet
@@ -676,6 +692,10 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
             "noise offset": cfg.noise_offset,
             "seed": cfg.seed,
         }
+        if flow:  # the DDPM rows do not apply
+            for key in ("prediction type", "min-SNR gamma", "noise offset"):
+                del settings[key]
+            settings.update(flow_settings(*flow, prompts))
         write_model_card(
             output_dir,
             dict(
@@ -724,7 +744,7 @@ def _validate(
         trackers = [t for t in accelerator.trackers]
         path = run_validation(
             base=base,
-            unet=model.unet,
+            unet=model.backbone,
             controlnext=model.controlnext,
             pairs=pairs,
             resolution=resolution,
