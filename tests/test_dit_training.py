@@ -228,3 +228,45 @@ def test_options_of_the_other_objective_are_refused(dit_bases, data, sd15, tmp_p
     # A size that is not a whole number of 2x2 latent patches.
     assert cli_main(["train", *_args(dit_bases["flux"], data, tmp_path / "c", "--resolution", "72")]) == 2
     assert "--resolution must be a multiple of 16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpointing_bf16_and_validation(dit_bases, data, tmp_path, family):
+    """Gradient checkpointing and bf16 autocast (frozen weights in bf16, trained ones in float32), and a validation
+    grid made by the family's ControlNeXt pipeline with its flow-matching scheduler."""
+    cond = next((data / "conditions").iterdir())
+    extra = ["--max-train-steps", "2", "--gradient-checkpointing", "--mixed-precision", "bf16",
+             "--validation-prompt", "a red circle", "--validation-image", str(cond), "--validation-steps", "2",
+             "--validation-inference-steps", "2"]  # fmt: skip
+    result = train(parse_train_args(_args(dit_bases[family], data, tmp_path, *extra)))
+    assert all(math.isfinite(v) for v in result.losses) and len(result.losses) == 2
+    assert result.unet.is_gradient_checkpointing
+    dtypes = {(p.dtype, p.requires_grad) for p in result.unet.parameters()}
+    assert dtypes == {(torch.bfloat16, False), (torch.float32, True)}
+    assert (tmp_path / "validation" / "step-0000002.png").is_file()
+
+
+def test_checkpointed_transformer_training_call_matches_and_releases_its_hooks():
+    """Checkpointing re-runs whole transformer blocks, the hooked one included, in the backward pass: the training
+    wrapper keeps its hooks until then, gives the gradients of the un-checkpointed call, and release() removes them."""
+    from controlnext.testing.models import tiny_controlnext, tiny_transformer
+    from controlnext.training.core import ControlledBackbone
+
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 16, 8, 8, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    kw = dict(encoder_hidden_states=torch.randn(2, 7, 48, generator=g), pooled_projections=torch.randn(2, 64),
+              timestep=torch.tensor([700.0, 30.0]))  # fmt: skip
+    grads = []
+    for checkpointing in (False, True):
+        tr, module = tiny_transformer("sd3"), tiny_controlnext("sd3")
+        tr.requires_grad_(False)
+        tr.transformer_blocks[5].attn.to_out[0].weight.requires_grad_(True)
+        if checkpointing:
+            tr.enable_gradient_checkpointing()
+        model = ControlledBackbone(tr, module)
+        model(x, condition=cond, **kw).square().mean().backward()
+        grads.append([module.mid_convs[1].weight.grad, tr.transformer_blocks[5].attn.to_out[0].weight.grad])
+        model.release()
+        assert not tr.transformer_blocks[4]._forward_hooks and not tr._forward_pre_hooks
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

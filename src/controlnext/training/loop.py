@@ -607,6 +607,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
         check_weights(trained_named(), run.global_step, last_good())
         save_checkpoint(accelerator, ckpt_root, run.global_step, cfg.checkpoints_total_limit)
     accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).release()
     raw_unet = accelerator.unwrap_model(model).backbone
     raw_control = accelerator.unwrap_model(model).controlnext
     prints = gather_object([fingerprint(trainable_state())])
@@ -737,6 +738,7 @@ def _validate(
     cfg, base, accelerator, model, ema, ema_params, pairs, resolution, step, output_dir, device, dtype
 ) -> None:
     model = accelerator.unwrap_model(model)
+    model.release()  # the pipeline attaches the module itself
     if ema is not None:  # validate the averaged weights, then put the raw ones back
         ema.store(ema_params)
         ema.copy_to(ema_params)

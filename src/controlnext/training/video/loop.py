@@ -290,6 +290,7 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
     bar.close()
 
     # ---- outputs
+    accelerator.unwrap_model(model).release()
     controlnext_out = accelerator.unwrap_model(model).controlnext
     files: dict[str, str] = {}
     extra = {"losses": losses, "resume_key": cfg.resume_key(procs)}
