@@ -4,11 +4,11 @@ module compare with diffusers' SD3ControlNetModel on the same base for the same 
 
 Stages, each one invocation that stays under ~10 minutes on one CPU thread (run them in this order):
 
-    python scripts/dit_study.py base --steps 1200             # a tiny SD3-layout base, from scratch (resumable:
-    python scripts/dit_study.py base --steps 2400             #   a second call continues to 2400 steps)
+    python scripts/dit_study.py base --steps 1279             # a tiny SD3-layout base, from scratch (resumable:
+    python scripts/dit_study.py base --steps 2903             #   a second call continues to 2903 steps)
     python scripts/dit_study.py control --method after_block_4 --seed 0      # one control run: train + evaluate
     python scripts/dit_study.py control --method controlnet --seed 0
-    python scripts/dit_study.py report                        # the markdown table of every finished run
+    python scripts/dit_study.py report                        # the markdown tables of every finished run
 
 Setup. The shipped demo's trained VAE (4x: 64 px -> 16x16x4 latents) and text encoder (a small CLIP, 16 tokens)
 are frozen and reused; the transformer is diffusers' stock ``SD3Transformer2DModel`` (patch 2: 8x8 image tokens;
@@ -49,7 +49,7 @@ BASE = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_lay
 SMALL_CONTROLNEXT = dict(embedding_channels=(16, 16, 32), block_in_channels=(32, 32), block_out_channels=(32, 64),
                          groups=(4, 8), mid_groups=8, token_patch=1)  # fmt: skip
 POINTS = ("after_block_0", "after_block_4", "after_block_8")
-METHODS = (*POINTS, "module_only:after_block_4", "controlnet")
+METHODS = (*POINTS, "module_only:after_block_0", "module_only:after_block_4", "controlnet")
 CONTROLNET_LAYERS = 3
 EVAL_CASES, EVAL_STEPS, GUIDANCE = 16, 10, 5.0
 
@@ -305,6 +305,8 @@ def report(args) -> None:
     for f in sorted((out / "results").glob("*.json")):
         r = json.loads(f.read_text())
         runs.setdefault(r["method"], []).append(r)
+    if args.save:  # the raw numbers, for the repository
+        Path(args.save).write_text(json.dumps(dict(base=base, runs=runs), indent=1) + "\n")
     print(f"Base alone (no control), {base['steps']} steps: edge F1 **{base['edge_f1']:.3f}**.\n")
     print("| method | trained params | s/step | seeds | edge F1 @ end | mean edge F1 over evaluations after 0 |")
     print("|---|---|---|---|---|---|")
@@ -336,13 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/dit_study")
     p.add_argument("--method", choices=METHODS, default="after_block_4")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="base: 1200 (resumable); control: 400")
+    p.add_argument("--steps", type=int, default=None, help="base: 2903 (resumable); control: 400")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="base: 1e-3; control: 1e-3")
-    p.add_argument("--n", type=int, default=2000, help="training samples of the stage")
+    p.add_argument("--n", type=int, default=4000, help="training samples of the stage")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--budget", type=float, default=480, help="base: seconds of training in this invocation")
+    p.add_argument("--budget", type=float, default=540, help="base: at most this many seconds of training per call")
+    p.add_argument("--save", default=None, help="report: also write every run's numbers to this JSON file")
     ARGS = p.parse_args(argv)
     torch.set_num_threads(ARGS.threads)
     if ARGS.stage == "report":
@@ -351,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     FROZEN = Frozen()
     ARGS.lr = ARGS.lr or 1e-3
     if ARGS.stage == "base":
-        ARGS.steps = ARGS.steps or 1200
+        ARGS.steps = ARGS.steps or 2903
         train_base(ARGS)
     else:
         ARGS.steps = ARGS.steps or 400

@@ -197,8 +197,9 @@ def test_t5_runs_once_per_caption(runs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_default_trainable_subset_is_the_image_output_projections_after_the_injection_point(runs, family):
     state = load_file(runs[family]["out"] / "unet_weights.safetensors")
-    # The tiny transformers have 6 double-stream/joint blocks; the module is injected after block 4.
-    assert sorted(state) == ["transformer_blocks.5.attn.to_out.0.bias", "transformer_blocks.5.attn.to_out.0.weight"]
+    # The tiny transformers have 6 double-stream/joint blocks; the module is injected after block 0 (the default).
+    want = [f"transformer_blocks.{k}.attn.to_out.0.{w}" for k in range(1, 6) for w in ("bias", "weight")]
+    assert sorted(state) == want
 
 
 def test_resume_is_bit_identical(dit_bases, data, tmp_path):
@@ -267,6 +268,7 @@ def test_checkpointed_transformer_training_call_matches_and_releases_its_hooks()
         model(x, condition=cond, **kw).square().mean().backward()
         grads.append([module.mid_convs[1].weight.grad, tr.transformer_blocks[5].attn.to_out[0].weight.grad])
         model.release()
-        assert not tr.transformer_blocks[4]._forward_hooks and not tr._forward_pre_hooks
+        point = get_family("sd3").point(module.config.injection_point)
+        assert not point.submodule(tr)._forward_hooks and not tr._forward_pre_hooks
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
