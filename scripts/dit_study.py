@@ -20,7 +20,8 @@ token grid is 1/8 of the pixels, the encoder's own grid), trained with the famil
 (image-stream attention output projections of the blocks after the injection point). The ControlNet is diffusers'
 ``SD3ControlNetModel.from_transformer(base, num_layers=3)`` fed the VAE latents of the condition, as the diffusers
 script trains it (the transformer frozen). Same data order, noise, timesteps, LR and steps for every method.
-Fidelity: edge F1 (2 px) of 16 held-out demo cases (shapes seed 1234), Euler 10 steps, guidance 5, fixed seeds.
+Fidelity: edge F1 (2 px) of 16 held-out demo cases (shapes seed 1234), Euler 10 steps, guidance 5, fixed seeds;
+with ``--condition mask`` the runs train on masks and score mask IoU (the JSON field is still ``edge_f1``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ POINTS = ("after_block_0", "after_block_4", "after_block_8")
 METHODS = (*POINTS, "module_only:after_block_0", "module_only:after_block_4", "controlnet")
 CONTROLNET_LAYERS = 3
 EVAL_CASES, EVAL_STEPS, GUIDANCE = 16, 10, 5.0
+SUFFIX = {"edges": "", "mask": "-mask"}  # file names of the runs per condition kind
+METRIC = {"edges": "edge F1", "mask": "mask IoU"}
 
 
 def log(msg: str) -> None:
@@ -92,14 +95,14 @@ class Frozen:
 
 
 def dataset(frozen: Frozen, seed: int, n: int, cache: Path) -> dict[str, torch.Tensor]:
-    """Latents, caption states, conditions (edges in [0, 1]) and condition latents of ``n`` shapes samples."""
+    """Latents, caption states, conditions (edges or masks, in [0, 1]) and condition latents of ``n`` samples."""
     if cache.is_file():
         return torch.load(cache)
     samples = [render_sample(seed, i) for i in range(n)]
     captions = sorted({s.caption for s in samples} | {""})
     states, pooled = frozen.captions(captions)
     index = torch.tensor([captions.index(s.caption) for s in samples])
-    cond = np.stack([condition_image(s, "edges") for s in samples])
+    cond = np.stack([condition_image(s, ARGS.condition) for s in samples])
     data = dict(
         latents=frozen.latents(np.stack([s.image for s in samples])),
         caption=index,
@@ -231,8 +234,9 @@ class Method:
 
 @torch.no_grad()
 def evaluate(base, method: Method | None, label: str) -> float:
-    """Mean edge F1 of the held-out cases (Euler, guidance 5); without ``method``: the base alone."""
-    prompts, conds, seeds = demo_cases(EVAL_CASES, "edges")
+    """Mean fidelity (edge F1, or mask IoU) of the held-out cases (Euler, guidance 5); without ``method``: the base
+    alone."""
+    prompts, conds, seeds = demo_cases(EVAL_CASES, ARGS.condition)
     states, pooled = FROZEN.captions(prompts)
     e_states, e_pooled = FROZEN.captions([""] * len(prompts))
     cond = torch.from_numpy(np.stack(conds)).permute(0, 3, 1, 2).float() / 255
@@ -258,7 +262,7 @@ def evaluate(base, method: Method | None, label: str) -> float:
     images = FROZEN.decode(x)
     if label:
         np.save(Path(ARGS.out) / f"samples-{label}.npy", images)
-    return float(np.mean(mean_fidelity(list(images), conds, "edges")))
+    return float(np.mean(mean_fidelity(list(images), conds, ARGS.condition)))
 
 
 def train_control(args) -> None:
@@ -266,7 +270,7 @@ def train_control(args) -> None:
 
     out = Path(args.out)
     base = SD3Transformer2DModel.from_pretrained(out / "base")
-    data = dataset(FROZEN, 1, args.n, out / "data-seed1.pt")
+    data = dataset(FROZEN, 1, args.n, out / f"data-seed1{SUFFIX[args.condition]}.pt")
     method = Method(args.method, base, args.seed)
     trained = sum(p.numel() for p in method.params)
     log(f"{args.method} seed {args.seed}: {trained:,} trained parameters")
@@ -286,15 +290,17 @@ def train_control(args) -> None:
         losses.append(loss.item())
         train_s += time.time() - ts
         if (step + 1) % args.eval_every == 0:
-            label = f"{args.method.replace(':', '-')}-seed{args.seed}" if step + 1 == args.steps else ""
+            label = f"{args.method.replace(':', '-')}{SUFFIX[args.condition]}-seed{args.seed}"
+            label = label if step + 1 == args.steps else ""
             score = evaluate(base, method, label)
             history.append(dict(step=step + 1, edge_f1=score, loss=float(np.mean(losses[-50:]))))
-            log(f"  step {step + 1}: loss {history[-1]['loss']:.4f}, edge F1 {history[-1]['edge_f1']:.3f}")
+            log(f"  step {step + 1}: loss {history[-1]['loss']:.4f}, fidelity {history[-1]['edge_f1']:.3f}")
     result = dict(method=args.method, seed=args.seed, lr=args.lr, steps=args.steps, batch=args.batch,
                   trained_params=trained, s_per_step=train_s / args.steps, history=history,
                   wall_s=time.time() - t0)  # fmt: skip
-    (out / "results").mkdir(exist_ok=True)
-    (out / "results" / f"{args.method.replace(':', '-')}-seed{args.seed}.json").write_text(json.dumps(result))
+    results = out / f"results{SUFFIX[args.condition]}"
+    results.mkdir(exist_ok=True)
+    (results / f"{args.method.replace(':', '-')}-seed{args.seed}.json").write_text(json.dumps(result))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -302,13 +308,16 @@ def report(args) -> None:
     out = Path(args.out)
     base = json.loads((out / "base.json").read_text())
     runs: dict[str, list[dict]] = {}
-    for f in sorted((out / "results").glob("*.json")):
+    for f in sorted((out / f"results{SUFFIX[args.condition]}").glob("*.json")):
         r = json.loads(f.read_text())
         runs.setdefault(r["method"], []).append(r)
     if args.save:  # the raw numbers, for the repository
         Path(args.save).write_text(json.dumps(dict(base=base, runs=runs), indent=1) + "\n")
-    print(f"Base alone (no control), {base['steps']} steps: edge F1 **{base['edge_f1']:.3f}**.\n")
-    print("| method | trained params | s/step | seeds | edge F1 @ end | mean edge F1 over evaluations after 0 |")
+    if args.condition == "mask":  # the ControlNet's zero-initialised input: its step 0 is the base alone
+        base = dict(steps=base["steps"], edge_f1=runs["controlnet"][0]["history"][0]["edge_f1"])
+    metric = METRIC[args.condition]
+    print(f"Base alone (no control), {base['steps']} steps: {metric} **{base['edge_f1']:.3f}**.\n")
+    print(f"| method | trained params | s/step | seeds | {metric} @ end | mean {metric} over evaluations after 0 |")
     print("|---|---|---|---|---|---|")
     for name in METHODS:
         rs = runs.get(name)
@@ -321,7 +330,7 @@ def report(args) -> None:
         per_seed = ", ".join(f"{v:.3f}" for v in end)
         print(f"| {name} | {rs[0]['trained_params']:,} | {np.mean([r['s_per_step'] for r in rs]):.3f} | {seeds} | "
               f"{end.mean():.3f}{sd(end)} ({per_seed}) | {auc.mean():.3f}{sd(auc)} |")  # fmt: skip
-    print("\nSeed-mean edge F1 against steps:\n")
+    print(f"\nSeed-mean {metric} against steps:\n")
     names = [n for n in METHODS if n in runs]
     print("| step | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
@@ -344,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=4000, help="training samples of the stage")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--condition", choices=tuple(SUFFIX), default="edges", help="control: the condition kind")
     p.add_argument("--budget", type=float, default=540, help="base: at most this many seconds of training per call")
     p.add_argument("--save", default=None, help="report: also write every run's numbers to this JSON file")
     ARGS = p.parse_args(argv)
