@@ -74,7 +74,7 @@ class _ControlNeXtRow(_Row):
         return [self.module]
 
     def trainable_params(self) -> int:
-        pattern = re.compile("|".join(get_family(self.family).trainable_patterns))
+        pattern = re.compile("|".join(get_family(self.family).trainable(self.module.config.injection_point)))
         unet_part = sum(p.numel() for n, p in self.unet.named_parameters() if pattern.search(n))
         return _count(self.module) + unet_part
 

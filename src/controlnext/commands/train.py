@@ -1,4 +1,5 @@
-"""``controlnext train``: train a ControlNeXt control module (and the published UNet subset) for SD1.5 or SDXL."""
+"""``controlnext train``: train a ControlNeXt control module (and the published UNet subset) for SD1.5, SDXL, SD3 or
+Flux."""
 
 from __future__ import annotations
 

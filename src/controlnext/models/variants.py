@@ -14,7 +14,7 @@ BEFORE_DOWN0 = "before_down_block_0"
 AFTER_DOWN0 = "after_down_block_0"
 BEFORE_MID = "before_mid_block"
 AFTER_MID = "after_mid_block"
-AFTER_BLOCK4 = "after_block_4"  # transformers: the image tokens returned by transformer block 4
+AFTER_BLOCK0 = "after_block_0"  # transformers: the image tokens returned by the first transformer block
 
 # Shared 3.5M-parameter layout of `sd15-training`, `sdxl` and `svd-v2`.
 _LIGHT = dict(
@@ -115,7 +115,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 _DIT = dict(
     _LIGHT,
     token_patch=2,
-    injection_point=AFTER_BLOCK4,
+    injection_point=AFTER_BLOCK0,  # measured best of blocks 0 / 4 / 8 in the tiny study (docs/dit.md)
     pool_first=False,  # no pooling happens on tokens: both orders agree
     norm_eps=1e-6,  # representable in bf16/fp16, in which the control's std is taken
     scale_rule="linear",

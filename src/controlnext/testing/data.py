@@ -24,25 +24,29 @@ SHAPES = ("square", "circle")
 
 
 def write_tiny_base(path: str | Path, family: str = "sd15", seed: int = 0) -> Path:
-    """Write a tiny randomly initialised base model (diffusers layout, DDPM scheduler) for ``family`` to ``path``.
+    """Write a tiny randomly initialised base model (diffusers layout) for ``family`` to ``path``: a DDPM scheduler
+    for the UNet families, the flow-matching scheduler and 16-channel latents for the transformers (sd3, flux).
 
     The random VAE is given two properties of a trained one, so that latents carry the image: a near-deterministic
     posterior (log-variance -12, instead of a random VAE's ~0, whose sampling noise would drown the image), and a
-    ``scaling_factor`` of 1/std of the latents of synthetic shape images (unit-variance latents, as SD's 0.18215).
+    ``scaling_factor`` of 1/std of the latents of synthetic shape images (unit-variance latents, as SD's 0.18215;
+    the transformers' VAEs also get the latents' mean as ``shift_factor``, as SD3's and Flux's have one).
     """
     import torch
     from diffusers import DDPMScheduler
 
     from ..families import get_family
-    from .models import tiny_pipeline_components
+    from .models import tiny_dit_pipeline_components, tiny_pipeline_components
 
     path = Path(path)
-    comps = tiny_pipeline_components(family, path / "_src", seed=seed)
+    dit = get_family(family).denoiser == "transformer"
+    comps = (tiny_dit_pipeline_components if dit else tiny_pipeline_components)(family, path / "_src", seed=seed)
     vae = comps["vae"]
     half = vae.config.latent_channels
     with torch.no_grad():
-        vae.quant_conv.weight[half:] = 0.0
-        vae.quant_conv.bias[half:] = -12.0
+        moments = vae.encoder.conv_out if vae.quant_conv is None else vae.quant_conv  # (mean, log-variance) maps
+        moments.weight[half:] = 0.0
+        moments.bias[half:] = -12.0
         rng = np.random.default_rng(seed)
         images = []
         for _ in range(16):
@@ -51,11 +55,15 @@ def write_tiny_base(path: str | Path, family: str = "sd15", seed: int = 0) -> Pa
             img[mask] = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
             images.append(img)
         pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        std = vae.encode(pixels).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
-    comps["scheduler"] = DDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, clip_sample=False
-    )
+        latents = vae.encode(pixels).latent_dist.mean
+    vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
+    if dit:
+        vae.register_to_config(shift_factor=round(latents.mean().item(), 5))
+    else:
+        comps["scheduler"] = DDPMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+            clip_sample=False,
+        )  # fmt: skip
     get_family(family).stock_pipeline_class()(**comps).save_pretrained(str(path))
     import shutil
 

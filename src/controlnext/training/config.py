@@ -33,14 +33,18 @@ __all__ = [
     "parse_train_args",
 ]
 
+# Flow matching (SD3, Flux): diffusers' weighting schemes. logit_normal and mode shape the timestep density (loss
+# weight 1); cosmap and sigma_sqrt sample uniformly and weight the loss; none is uniform and unweighted.
+FLOW_WEIGHTINGS = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
+
 # The largest training side accepted: beyond it one sample does not fit any current accelerator.
 MAX_RESOLUTION = 4096
 
 
 def _image_families() -> list[str]:
-    """The families ``controlnext train`` takes: the image UNets (the video family has ``train-video``; the
-    transformer families sd3 and flux have no training yet)."""
-    return [f.name for f in families() if not f.video and f.denoiser == "unet"]
+    """The families ``controlnext train`` takes: the image UNets and transformers (the video family has
+    ``train-video``)."""
+    return [f.name for f in families() if not f.video]
 
 
 def check_range(
@@ -98,7 +102,7 @@ class TrainConfig:
         None,
         help="Layout of a new control module.",
         choices=lambda: [v for name in _image_families() for v in get_family(name).variants],
-        default_text="the family's: sd15-training for SD1.5, sdxl for SDXL",
+        default_text="the family's: sd15-training for SD1.5, sdxl for SDXL, sd3 / flux for SD3 / Flux",
         group=MODEL,
     )
     controlnext_config: str | None = shared("controlnext_config", None)
@@ -117,8 +121,10 @@ class TrainConfig:
     train_unet: list[str] | None = shared(
         "train_unet",
         None,
-        help="Regexes (re.search) of UNet parameter names to train; 'none' trains the control module only.",
-        default_text="as published: 'to_out' for SD1.5, '.*attn2.*to_out.*' for SDXL",
+        help="Regexes (re.search) of UNet (or transformer) parameter names to train; 'none' trains the control module "
+        "only; {after} stands for the index of a block after the injection point.",
+        default_text="as published: 'to_out' for SD1.5, '.*attn2.*to_out.*' for SDXL; SD3/Flux: the image "
+        "attention output projections of the blocks after the injection point",
     )
     # data
     dataset: str = option(
@@ -144,7 +150,8 @@ class TrainConfig:
     )
     caption_column: str = option("text", help="Column of the captions.", group=DATA)
     resolution: int | None = option(
-        None, help="Training size in pixels (a multiple of 8).", default_text="512 for SD1.5, 1024 for SDXL", group=DATA
+        None, help="Training size in pixels (a multiple of 8; of 16 for SD3/Flux).",
+        default_text="512 for SD1.5, 1024 for SDXL, SD3 and Flux", group=DATA
     )
     center_crop: bool = option(False, help="Center crop instead of random crop.", group=DATA)
     random_flip: bool = option(False, help="Flip image and condition together with probability 0.5.", group=DATA)
@@ -216,6 +223,36 @@ class TrainConfig:
         help="Training target.",
         choices=("epsilon", "v_prediction"),
         default_text="the base scheduler's",
+        group=OPTIMISATION,
+    )
+    # flow matching (SD3, Flux), as diffusers' train_controlnet_sd3.py / train_controlnet_flux.py
+    weighting_scheme: str = option(
+        "logit_normal",
+        help="Flow matching (SD3/Flux): logit_normal or mode shape the timestep density; cosmap or sigma_sqrt weight "
+        "the loss; none: uniform and unweighted.",
+        choices=FLOW_WEIGHTINGS,
+        group=OPTIMISATION,
+    )
+    logit_mean: float = option(0.0, help="Mean of the logit_normal timestep density.", group=OPTIMISATION)
+    logit_std: float = option(1.0, help="Standard deviation of the logit_normal timestep density.", group=OPTIMISATION)
+    mode_scale: float = option(1.29, help="Scale of the mode timestep density.", group=OPTIMISATION)
+    precondition_outputs: bool | None = option(
+        None,
+        help="Flow matching: regress the x0 estimate (noisy - sigma * prediction) on the clean latents instead of the "
+        "prediction on the velocity.",
+        default_text="yes for SD3 (as train_controlnet_sd3.py), no for Flux (as train_controlnet_flux.py)",
+        group=OPTIMISATION,
+    )
+    guidance_scale: float | None = option(
+        None,
+        help="Flux: the guidance embedding's value during training (guidance-distilled transformers).",
+        default_text="3.5, as train_controlnet_flux.py",
+        group=OPTIMISATION,
+    )
+    max_sequence_length: int | None = option(
+        None,
+        help="T5 tokens per caption (SD3/Flux); use the same at inference.",
+        default_text="the stock pipelines': 256 for SD3, 512 for Flux",
         group=OPTIMISATION,
     )
     text_embedding_cache: int = option(
@@ -387,6 +424,18 @@ class TrainConfig:
         check_range("--snr-gamma", self.snr_gamma, 0, 1e6, low_open=True)
         need(self.noise_offset >= 0, f"--noise-offset must be >= 0, got {self.noise_offset}.")
         check_range("--noise-offset", self.noise_offset, 0, 1)
+        need(
+            self.weighting_scheme in FLOW_WEIGHTINGS,
+            f"--weighting-scheme must be one of {', '.join(FLOW_WEIGHTINGS)}, got {self.weighting_scheme!r}.",
+        )
+        check_range("--logit-mean", self.logit_mean, -10, 10)
+        check_range("--logit-std", self.logit_std, 0, 10, low_open=True)
+        check_range("--mode-scale", self.mode_scale, 0, 10)
+        check_range("--guidance-scale", self.guidance_scale, 0, 100)
+        need(
+            self.max_sequence_length is None or 1 <= self.max_sequence_length <= 512,
+            f"--max-sequence-length must be in [1, 512], got {self.max_sequence_length}.",
+        )
         need(0.0 < self.ema_decay < 1.0, f"--ema-decay must be in (0, 1), got {self.ema_decay}.")
         need(
             self.report_to in ("none", "tensorboard", "wandb", "all"),

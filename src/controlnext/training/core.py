@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..families import detect_family
-from ..inject import attached
+from ..inject import attach
 from ..models.controlnext import ControlNeXtModel
 
 __all__ = ["ControlledBackbone", "randn", "sample_generators"]
@@ -51,6 +51,21 @@ class ControlledBackbone(nn.Module):
         return getattr(self, self._denoiser)
 
     def forward(self, *args, condition: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.release()
         # cache_static=False: the encoder's timestep-free prefix is recomputed so that gradients reach it.
-        with attached(self.backbone, self.controlnext, conditions=condition, cache_static=False):
+        adapter = attach(self.backbone, self.controlnext, conditions=condition, cache_static=False)
+        try:
             return self.backbone(*args, return_dict=False, **kwargs)[0]
+        finally:
+            # A transformer with gradient checkpointing re-runs whole blocks, the hooked one included, in the
+            # backward pass: its hooks stay until the next call (or release()) so that the recomputation matches.
+            if torch.is_grad_enabled() and getattr(self.backbone, "gradient_checkpointing", False):
+                self.__dict__["_held"] = adapter
+            else:
+                adapter.detach()
+
+    def release(self) -> None:
+        """Remove the hooks a checkpointed call left for its backward pass (before using the backbone elsewhere)."""
+        adapter = self.__dict__.pop("_held", None)
+        if adapter is not None:
+            adapter.detach()

@@ -168,7 +168,8 @@ def export_outputs(
     """Write the control module (folder and single file) and the UNet subset; returns {file name: description}.
 
     ``state`` holds the trained tensors: ``controlnext.<key>`` for the module (built from ``control_config``) and
-    ``unet.<name>`` for the UNet parameters.
+    ``<backbone>.<name>`` for the backbone's parameters (``unet.``, or ``transformer.`` for the DiT families; the
+    file keeps the release's name, ``unet_weights.safetensors``, for both).
     """
     from ..models.controlnext import ControlNeXtModel
 
@@ -178,7 +179,7 @@ def export_outputs(
         f"{CONTROL_FOLDER}/": "the control module (diffusers `save_pretrained` folder)",
         CONTROL_FILE: "the control module as one file in the published layout",
     }
-    unet = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
+    unet = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] in ("unet", "transformer")}
     with staged_outputs(output_dir) as staging:
         module.save_pretrained(str(staging / CONTROL_FOLDER))
         save_control_file(module, staging / CONTROL_FILE)

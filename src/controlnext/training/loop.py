@@ -48,6 +48,14 @@ from .data import (
     open_source,
     scan_rows,
 )
+from .dit import (
+    TransformerPromptEncoder,
+    flow_matching_step,
+    flow_objective,
+    flow_settings,
+    is_transformer_base,
+    load_transformer_base,
+)
 from .engine import (
     LoopSettings,
     TrainData,
@@ -191,7 +199,11 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     if trackers:
         accelerator.init_trackers(cfg.tracker_project_name, config=_hparams(cfg))
     pairs = validation_pairs(cfg.validation_prompt, cfg.validation_image)
-    prompts = PromptEncoder(models.base, accelerator.device, models.weight_dtype, cfg.text_embedding_cache)
+    if models.flow:
+        prompts = TransformerPromptEncoder(models.base, accelerator.device, models.weight_dtype,
+                                           cfg.text_embedding_cache, cfg.max_sequence_length)  # fmt: skip
+    else:
+        prompts = PromptEncoder(models.base, accelerator.device, models.weight_dtype, cfg.text_embedding_cache)
     loss = _loss_function(cfg, models, accelerator, prompts)
 
     def validate(step: int) -> None:
@@ -206,7 +218,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     batches = data.epoch_batches(accelerator, trainer.loader)
     trainer.run(TrainData(batches, plan.updates_per_epoch, dataset=data.stream), loss, validate)
     trainer.finish()
-    return _finish(cfg, accelerator, trainer, models, data, plan, pairs)
+    return _finish(cfg, accelerator, trainer, models, data, plan, pairs, prompts)
 
 
 def _say(accelerator, text: str) -> None:
@@ -228,7 +240,8 @@ class _Models:
     trainable: TrainableSet
     base_values: dict[str, torch.Tensor]  # the trained UNet tensors before training (for --save-unet-as deltas)
     weight_dtype: torch.dtype
-    prediction_type: str
+    prediction_type: str  # epsilon, v_prediction, or flow (flow matching, the transformer families)
+    flow: tuple | None = None  # (FlowMatching settings, Flux guidance) of a flow-matching family (training/dit.py)
 
     @property
     def family(self) -> str:
@@ -236,14 +249,16 @@ class _Models:
 
 
 def _build_models(cfg: TrainConfig, accelerator) -> _Models:
+    dit = is_transformer_base(cfg.pretrained_model, cfg.family)  # SD3 / Flux: see training/dit.py
     with frozen_loading(accelerator):
-        base: BaseModel = load_base_model(
+        base: BaseModel = (load_transformer_base if dit else load_base_model)(
             cfg.pretrained_model, cfg.family, cfg.revision, cfg.base_variant, cfg.pretrained_vae
         )
     family = base.family
     fam = get_family(family)
+    flow = flow_objective(cfg, fam)  # (objective, Flux guidance) for flow-matching families, else None
     resolution = cfg.resolution or fam.resolution
-    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    factor = 2 ** (len(base.vae.config.block_out_channels) - 1) * fam.latent_patch  # whole transformer patches
     for flag, size in (("--resolution", resolution), ("--bucket-step", cfg.bucket_step if cfg.bucketing else 0)):
         if size % factor:
             raise ValueError(f"{flag} must be a multiple of {factor} (this base's VAE downsampling), got {size}.")
@@ -252,7 +267,7 @@ def _build_models(cfg: TrainConfig, accelerator) -> _Models:
     unet = base.unet
     controlnext = _make_controlnext(cfg, unet, family)
     patterns = cfg.train_unet if cfg.train_unet is not None else list(fam.trainable_patterns)
-    unet_names = select_unet_parameters(unet, patterns)
+    unet_names = select_unet_parameters(unet, fam.trainable(controlnext.config.injection_point, patterns))
     trainable = apply_trainable(unet, controlnext, unet_names)
     _say(
         accelerator,
@@ -281,15 +296,16 @@ def _build_models(cfg: TrainConfig, accelerator) -> _Models:
         module.to(accelerator.device)
         if dtype != torch.float32:
             module.to(dtype=dtype)
-    prediction_type = cfg.prediction_type or base.noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
+    prediction_type = "flow" if flow else cfg.prediction_type or base.noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction", "flow"):
         raise ValueError(
             f"Unsupported prediction type {prediction_type!r} in the base scheduler; use --prediction-type."
         )
     if cfg.prediction_type:
         base.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     return _Models(
-        base, fam, resolution, controlnext, patterns, unet_names, trainable, base_values, weight_dtype, prediction_type
+        base, fam, resolution, controlnext, patterns, unet_names, trainable, base_values, weight_dtype, prediction_type,
+        flow,
     )
 
 
@@ -469,24 +485,18 @@ def _make_trainer(cfg: TrainConfig, accelerator, models: _Models, data: _Data, p
 def _loss_function(cfg: TrainConfig, models: _Models, accelerator, prompts: PromptEncoder):
     """The training objective of the base's family, as ``loss(model, batch, step, micro)`` for the core.
 
-    The UNet families (SD1.5, SDXL) train DDPM epsilon / v-prediction (:mod:`.objectives`); an objective for
-    another family (flow matching for SD3 / Flux) is chosen here from ``models.fam``.
+    The UNet families (SD1.5, SDXL) train DDPM epsilon / v-prediction (:mod:`.objectives`); the transformer
+    families (SD3, Flux) flow matching (``Family.objective``; the batch preparation is in :mod:`.dit`). Both start
+    from the same seeded VAE latents.
     """
-    return _ddpm_loss(cfg, models, accelerator, prompts)
-
-
-def _ddpm_loss(cfg: TrainConfig, models: _Models, accelerator, prompts: PromptEncoder):
-    base, fam, weight_dtype, prediction_type = models.base, models.fam, models.weight_dtype, models.prediction_type
-    device = accelerator.device
-    noise_scheduler = base.noise_scheduler
+    base, device, weight_dtype = models.base, accelerator.device, models.weight_dtype
     sf = base.vae.config.scaling_factor
     shift = getattr(base.vae.config, "shift_factor", None) or 0.0
-    num_t = noise_scheduler.config.num_train_timesteps
     first = accelerator.process_index * cfg.train_batch_size  # this process's position in the global batch
+    objective = _ddpm_loss(cfg, models, device, prompts) if models.flow is None else None
 
     def loss(model: nn.Module, batch: dict, step: int, micro: int) -> torch.Tensor:
-        bsz = len(batch["row_ids"])
-        gens = sample_generators(cfg.seed, step, micro, first, bsz)
+        gens = sample_generators(cfg.seed, step, micro, first, len(batch["row_ids"]))
         with torch.no_grad():
             if "latent_mean" in batch:  # the VAE posterior precomputed by make-shards --cache-latents
                 dist = LatentDist(*(batch[k].to(device, base.vae.dtype) for k in ("latent_mean", "latent_std")))
@@ -494,6 +504,20 @@ def _ddpm_loss(cfg: TrainConfig, models: _Models, accelerator, prompts: PromptEn
                 dist = base.vae.encode(batch["pixel_values"].to(device=device, dtype=base.vae.dtype)).latent_dist
             latents = dist.mean + dist.std * randn(tuple(dist.mean.shape[1:]), gens, device, dist.mean.dtype)
             latents = ((latents - shift) * sf).to(weight_dtype)
+        if objective is None:
+            return flow_matching_step(model, base, *models.flow, prompts, batch, latents, gens)
+        return objective(model, batch, latents, gens)
+
+    return loss
+
+
+def _ddpm_loss(cfg: TrainConfig, models: _Models, device, prompts: PromptEncoder):
+    """DDPM epsilon / v-prediction (with min-SNR weighting and noise offset) from seeded latents."""
+    base, fam, weight_dtype, prediction_type = models.base, models.fam, models.weight_dtype, models.prediction_type
+    noise_scheduler = base.noise_scheduler
+    num_t = noise_scheduler.config.num_train_timesteps
+
+    def loss(model: nn.Module, batch: dict, latents: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
         noise = randn(tuple(latents.shape[1:]), gens, device, latents.dtype)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * randn((latents.shape[1], 1, 1), gens, device, latents.dtype)
@@ -510,19 +534,27 @@ def _ddpm_loss(cfg: TrainConfig, models: _Models, accelerator, prompts: PromptEn
 
 # ------------------------------------------------------------------------------------------------ outputs
 def _finish(
-    cfg: TrainConfig, accelerator, trainer: Trainer, models: _Models, data: _Data, plan: _Plan, pairs: list
+    cfg: TrainConfig,
+    accelerator,
+    trainer: Trainer,
+    models: _Models,
+    data: _Data,
+    plan: _Plan,
+    pairs: list,
+    prompts: PromptEncoder,
 ) -> TrainResult:
     from accelerate.utils import gather_object
 
     step = trainer.state.global_step
     raw = trainer.raw
+    raw.release()  # the hooks a checkpointed last step kept for its backward pass
     prints = gather_object([fingerprint(trainer.trainable_state())])
     result = TrainResult(
         output_dir=Path(cfg.output_dir),
         global_step=step,
         losses=trainer.new_losses,
         controlnext=raw.controlnext,
-        unet=raw.unet,
+        unet=raw.backbone,
         trainable=models.trainable,
         rank_fingerprints=prints,
     )
@@ -549,7 +581,7 @@ def _finish(
         )
         if len(set(prints)) > 1 and not trainer.sharded:
             log.warning("The processes ended with different weights: %s", prints)
-        _write_summary(cfg, trainer, models, data, plan, result, files)
+        _write_summary(cfg, trainer, models, data, plan, result, files, prompts)
         result.files = files
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -557,7 +589,14 @@ def _finish(
 
 
 def _write_summary(
-    cfg: TrainConfig, trainer: Trainer, models: _Models, data: _Data, plan: _Plan, result: TrainResult, files: dict
+    cfg: TrainConfig,
+    trainer: Trainer,
+    models: _Models,
+    data: _Data,
+    plan: _Plan,
+    result: TrainResult,
+    files: dict,
+    prompts: PromptEncoder,
 ) -> None:
     """``train_summary.json``, the model card and the closing lines (main process)."""
     output_dir, step, trainable = result.output_dir, result.global_step, models.trainable
@@ -603,6 +642,10 @@ def _write_summary(
         "noise offset": cfg.noise_offset,
         "seed": cfg.seed,
     }
+    if models.flow:  # the DDPM rows do not apply
+        for key in ("prediction type", "min-SNR gamma", "noise offset"):
+            del settings[key]
+        settings.update(flow_settings(*models.flow, prompts))
     write_model_card(
         output_dir,
         dict(
@@ -633,10 +676,11 @@ def _validate(cfg: TrainConfig, models: _Models, trainer: Trainer, pairs: list, 
     if ema is not None:  # validate the averaged weights, then put the raw ones back
         ema.store(params)
         ema.copy_to(params)
+    trainer.raw.release()  # the pipeline attaches the module itself
     try:
         path = run_validation(
             base=models.base,
-            unet=trainer.raw.unet,
+            unet=trainer.raw.backbone,
             controlnext=trainer.raw.controlnext,
             pairs=pairs,
             resolution=models.resolution,

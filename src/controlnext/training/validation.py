@@ -64,10 +64,12 @@ def run_validation(
 
     family = get_family(base.family)
 
+    # A fresh scheduler: the training one's tables must stay as they are. Flow-matching bases sample with their own.
+    sampler = UniPCMultistepScheduler if family.objective == "ddpm" else type(base.noise_scheduler)
     comps = dict(
         vae=base.vae,
-        unet=unet,
-        scheduler=UniPCMultistepScheduler.from_config(base.noise_scheduler.config),
+        **{family.denoiser: unet},
+        scheduler=sampler.from_config(base.noise_scheduler.config),
         controlnext=controlnext,
         **family.pipeline_kwargs,
     )

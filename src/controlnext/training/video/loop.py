@@ -226,6 +226,7 @@ def _train_video(cfg: VideoTrainConfig, held: contextlib.ExitStack) -> VideoTrai
     trainer.finish()
 
     # ---- outputs
+    trainer.raw.release()  # the training hooks, kept for a checkpointed backward pass
     controlnext_out = trainer.raw.controlnext
     files: dict[str, str] = {}
     if main:
