@@ -175,25 +175,36 @@ def test_distributed_fsdp2_export_has_the_single_process_layout(sd15, shapes, fs
 
 
 def test_distributed_fsdp2_resume_replays_the_same_run(sd15, shapes, fsdp_run, tmp_path):
-    out, _ = fsdp_run
-    resumed = tmp_path / "resumed"
+    _resume_replays(fsdp_run[0], sd15, shapes, tmp_path / "resumed", "fsdp.yaml")
+
+
+@pytest.fixture(scope="module")
+def zero2_run(sd15, shapes, tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("zero2")
+    _launch(_args(sd15, shapes, out, 2), "deepspeed_zero2.yaml")
+    return out
+
+
+def test_distributed_deepspeed_zero2_on_cpu_matches_ddp(zero2_run, two_process_run):
+    _assert_matches_ddp(zero2_run, two_process_run[0], atol=1e-4)  # measured: identical
+    files = ckpt.verify_checkpoint(zero2_run / "checkpoints" / "checkpoint-6")["files"]
+    assert any(f.startswith("pytorch_model/") for f in files)  # DeepSpeed's own checkpoint inside ours
+
+
+def _resume_replays(run: Path, sd15, shapes, resumed: Path, config: str, *launch: str) -> None:
+    """Resume ``run``'s step-3 checkpoint in a new folder: the same losses and bit-identical final weights."""
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
-    proc = _launch(_args(sd15, shapes, resumed, 2, "--resume-from-checkpoint", "latest"), "fsdp.yaml")
-    assert "at step 3" in proc.stdout
-    assert _losses(resumed) == _losses(out)
-    a, b = _weights(out), _weights(resumed)
+    shutil.copytree(run / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    proc = _launch(_args(sd15, shapes, resumed, 2, "--resume-from-checkpoint", "latest"), config, 2, *launch)
+    assert "at step 3" in proc.stdout and _losses(resumed) == _losses(run)
+    a, b = _weights(run), _weights(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_distributed_deepspeed_zero2_on_cpu_matches_ddp(sd15, shapes, two_process_run, tmp_path):
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "zero2"
-    _launch(_args(sd15, shapes, out, 2), "deepspeed_zero2.yaml")
-    _assert_matches_ddp(out, two_process_run[0], atol=1e-4)  # measured: identical
-    files = ckpt.verify_checkpoint(out / "checkpoints" / "checkpoint-6")["files"]
-    assert any(f.startswith("pytorch_model/") for f in files)  # DeepSpeed's own checkpoint inside ours
+def test_distributed_deepspeed_zero2_resume_replays_the_same_run(sd15, shapes, zero2_run, tmp_path):
+    _resume_replays(zero2_run, sd15, shapes, tmp_path / "zero2-resumed", "deepspeed_zero2.yaml")
 
 
 # ZeRO-3 from the ZeRO-2 file; the 16-bit gather lets the export collect the sharded weights.
@@ -213,15 +224,7 @@ def test_distributed_deepspeed_zero3_on_cpu_matches_ddp(zero3_run, two_process_r
 
 
 def test_distributed_deepspeed_zero3_resume_replays_the_same_run(sd15, shapes, zero3_run, tmp_path):
-    resumed = tmp_path / "zero3-resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(zero3_run / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
-    proc = _launch(_args(sd15, shapes, resumed, 2, "--resume-from-checkpoint", "latest"), "deepspeed_zero2.yaml", 2,
-                   *ZERO3)  # fmt: skip
-    assert "at step 3" in proc.stdout and _losses(resumed) == _losses(zero3_run)
-    a, b = _weights(zero3_run), _weights(resumed)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    _resume_replays(zero3_run, sd15, shapes, tmp_path / "zero3-resumed", "deepspeed_zero2.yaml", *ZERO3)
 
 
 def test_distributed_two_machines_on_localhost_equal_two_processes(sd15, shapes, two_process_run, tmp_path):
