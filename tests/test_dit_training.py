@@ -4,6 +4,7 @@ module sees, caption encoding once per caption, the default trainable subset, ex
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -272,3 +273,25 @@ def test_checkpointed_transformer_training_call_matches_and_releases_its_hooks()
         assert not point.submodule(tr)._forward_hooks and not tr._forward_pre_hooks
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_latent_cache_trains_like_the_images_and_records_the_t5_length(dit_bases, data, tmp_path, family):
+    """make-shards --cache-latents on a DiT base: T5 runs once per caption when the cache is made; training on the
+    cache gives the losses of training on the images, and another T5 length is refused."""
+    from controlnext.cli import main
+    from controlnext.training import parse_train_args, train
+
+    shards, cache = tmp_path / "shards", tmp_path / "cache"
+    assert main(["make-shards", str(data), str(shards), "--samples-per-shard", "3"]) == 0
+    assert main(["make-shards", str(data), str(cache), "--samples-per-shard", "3", "--cache-latents", "--base",
+                 str(dit_bases[family]), "--resolution", "64", "--cpu", "--max-sequence-length", "8"]) == 0  # fmt: skip
+    record = json.loads((cache / "shards.json").read_text())["cache"]
+    assert record["family"] == family and record["text_tokens"] == 8
+    common = ["--center-crop", "--caption-dropout", "0.5", "--max-train-steps", "2"]
+    images = train(parse_train_args(_args(dit_bases[family], shards, tmp_path / "images", *common)))
+    cached = train(parse_train_args(_args(dit_bases[family], cache, tmp_path / "cached", *common)))
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(images.losses), rtol=1e-5, atol=0)
+    other = [a if a != "8" else "16" for a in _args(dit_bases[family], cache, tmp_path / "other", *common)]
+    with pytest.raises(ValueError, match=r"T5 length \(--max-sequence-length\) 8 -> 16"):
+        train(parse_train_args(other))

@@ -43,6 +43,8 @@ def register(subparsers) -> None:
     cache.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                        help="dtype the encoders run in; train with the same (default: no, float32)")  # fmt: skip
     cache.add_argument("--cpu", action="store_true", help="run the encoders on the CPU even if a GPU is present")
+    cache.add_argument("--max-sequence-length", type=int, default=None,
+                       help="SD3/Flux: T5 tokens per caption; train with the same (default: the stock pipeline's)")
     p.set_defaults(func=run)
 
 
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
         builder = _cache_builder(args)
         out.mkdir(parents=True, exist_ok=True)
-        cache = {**cache_identity(builder.base, builder.resolution),
+        cache = {**cache_identity(builder.base, builder.resolution, builder.tokens),
                  "empty_prompt": write_empty_prompt(out, builder.empty_prompt())}  # fmt: skip
         columns, encode = dict(CACHE_COLUMNS), builder.members
         print(f"cache: {builder.base.family} encoders of {args.base} in {cache['vae']['dtype']} at "
@@ -96,14 +98,16 @@ def _cache_builder(args: argparse.Namespace):
     from ..shapes.demo import demo_ref
     from ..training.base import load_base_model
     from ..training.cache import CacheBuilder, encoder_dtypes
+    from ..training.dit import is_transformer_base, load_transformer_base
 
     base_path = str(ref[0]) if (ref := demo_ref(args.base)) is not None else args.base
-    base = load_base_model(base_path)
-    resolution = args.resolution or get_family(base.family).resolution
-    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    base = (load_transformer_base if is_transformer_base(base_path) else load_base_model)(base_path)
+    fam = get_family(base.family)
+    resolution = args.resolution or fam.resolution
+    factor = 2 ** (len(base.vae.config.block_out_channels) - 1) * fam.latent_patch  # whole transformer patches
     if resolution % factor or resolution < factor:
-        raise UserError(f"--resolution must be a positive multiple of {factor} (the VAE's downsampling), got "
-                        f"{resolution}.")  # fmt: skip
+        raise UserError(f"--resolution must be a positive multiple of {factor} (the VAE's downsampling"
+                        f"{' and patch size' if fam.latent_patch > 1 else ''}), got {resolution}.")  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     if weight_dtype == torch.float16 and device.type == "cpu":
@@ -112,4 +116,8 @@ def _cache_builder(args: argparse.Namespace):
     base.vae.to(device, vae_dtype)
     for encoder in base.text_encoders:
         encoder.to(device, text_dtype)
-    return CacheBuilder(base, resolution, device)
+    from ..training.cache import text_tokens
+
+    if args.max_sequence_length is not None and get_family(base.family).denoiser != "transformer":
+        raise UserError(f"--max-sequence-length is for the SD3/Flux (T5) families; {args.base} is {base.family}.")
+    return CacheBuilder(base, resolution, device, text_tokens(base, args.max_sequence_length))

@@ -47,12 +47,13 @@ CACHE_MEMBER = "cache.safetensors"
 CACHE_COLUMNS = dict(image="cache", condition="conditioning_image", caption="json")
 _CACHE_KIND = "latents+text"
 
-TextEmbedder = Callable[[Any, list[str], torch.device, torch.dtype], dict[str, torch.Tensor]]
+TextEmbedder = Callable[[Any, list[str], torch.device, torch.dtype, "int | None"], dict[str, torch.Tensor]]
 _TEXT_EMBEDDERS: dict[str, TextEmbedder] = {}
 
 
 def register_text_embedder(family: str, embed: TextEmbedder) -> None:
-    """Register ``embed(base, captions, device, dtype) -> {name: (len(captions), ...) tensor}`` for ``family``.
+    """Register ``embed(base, captions, device, dtype, text_tokens) -> {name: (len(captions), ...) tensor}`` for
+    ``family`` (``text_tokens``: the T5 sequence length of the transformer families, None for the others).
 
     The names are what the training step reads back (SD1.5/SDXL: ``prompt_embeds`` and, for SDXL,
     ``pooled_prompt_embeds``). Each caption must be encoded on its own so that embeddings do not depend on batching.
@@ -70,7 +71,7 @@ def text_embedder(family: str) -> TextEmbedder:
         ) from None
 
 
-def _clip_embed(base: Any, captions: list[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _clip_embed(base: Any, captions: list[str], device: torch.device, dtype: torch.dtype, tokens=None) -> dict:
     """SD1.5 and SDXL: the training loop's own prompt encoding (one caption at a time, as its cache does)."""
     from .base import PromptEncoder
 
@@ -82,8 +83,20 @@ def _clip_embed(base: Any, captions: list[str], device: torch.device, dtype: tor
     return out
 
 
+def _transformer_embed(base: Any, captions: list[str], device: torch.device, dtype: torch.dtype,
+                       tokens: int | None = None) -> dict:  # fmt: skip
+    """SD3 and Flux: the stock pipeline's ``encode_prompt`` (T5 at ``tokens``), as the trainer calls it."""
+    from .dit import TransformerPromptEncoder
+
+    encoder = TransformerPromptEncoder(base, device, dtype, cache_size=len(captions) + 1, max_sequence_length=tokens)
+    embeds, pooled = encoder(captions)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
 for _family in ("sd15", "sdxl"):
     register_text_embedder(_family, _clip_embed)
+for _family in ("sd3", "flux"):
+    register_text_embedder(_family, _transformer_embed)
 
 
 class LatentDist(NamedTuple):
@@ -126,12 +139,26 @@ def _tokenizer_sha256(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def cache_identity(base: Any, resolution: int) -> dict:
-    """What a cache depends on: family, resolution, and each encoder's hash and dtype as it runs now."""
+def text_tokens(base: Any, requested: int | None = None) -> int | None:
+    """The T5 sequence length a run of a transformer family encodes captions at (``requested``, else the stock
+    pipeline's default); None for the families without T5."""
+    from ..families import get_family
+
+    if get_family(base.family).denoiser != "transformer":
+        return None
+    from .dit import TransformerPromptEncoder
+
+    return TransformerPromptEncoder(base, "cpu", torch.float32, 0, requested).max_sequence_length
+
+
+def cache_identity(base: Any, resolution: int, tokens: int | None = None) -> dict:
+    """What a cache depends on: family, resolution, the T5 length (transformer families), and each encoder's hash
+    and dtype as it runs now."""
     return {
         "kind": _CACHE_KIND,
         "family": base.family,
         "resolution": resolution,
+        "text_tokens": tokens,
         "vae": {"sha256": module_sha256(base.vae), "dtype": str(base.vae.dtype).replace("torch.", "")},
         "text_encoders": [{"sha256": module_sha256(e), "dtype": str(e.dtype).replace("torch.", "")}
                           for e in base.text_encoders],  # fmt: skip
@@ -139,18 +166,20 @@ def cache_identity(base: Any, resolution: int) -> dict:
     }
 
 
-def check_cache(record: dict, base: Any, resolution: int, where: str) -> None:
+def check_cache(record: dict, base: Any, resolution: int, where: str, tokens: int | None = None) -> None:
     """Raise ValueError unless the cache ``record`` (from ``shards.json``) was made with this run's encoders,
-    resolution and dtypes; the error names each difference."""
+    resolution, T5 length and dtypes; the error names each difference."""
     if not isinstance(record, dict) or record.get("kind") != _CACHE_KIND:
         raise ValueError(f"{where}: its shards.json has no {_CACHE_KIND} cache record.")
-    now = cache_identity(base, resolution)
+    now = cache_identity(base, resolution, tokens)
     rebuild = "rebuild it with `controlnext make-shards SOURCE OUT --cache-latents --base MODEL` for this run."
     problems = []
     if record.get("family") != now["family"]:
         problems.append(f"family {record.get('family')} -> {now['family']}")
     if record.get("resolution") != resolution:
         problems.append(f"resolution {record.get('resolution')} -> {resolution}")
+    if record.get("text_tokens") != tokens:
+        problems.append(f"T5 length (--max-sequence-length) {record.get('text_tokens')} -> {tokens}")
     pairs = [("VAE", record.get("vae") or {}, now["vae"])]
     pairs += [(f"text encoder {i + 1}", r, n)
               for i, (r, n) in enumerate(zip(record.get("text_encoders") or [], now["text_encoders"]))]  # fmt: skip
@@ -187,10 +216,11 @@ def _load_tensors(data: bytes, row_id: str) -> dict[str, torch.Tensor]:
 class CacheBuilder:
     """Encodes rows for a cache: ``members(raw)`` gives the tar members of one row (the VAE runs per row)."""
 
-    def __init__(self, base: Any, resolution: int, device: torch.device):
+    def __init__(self, base: Any, resolution: int, device: torch.device, tokens: int | None = None):
         self.base = base
         self.resolution = resolution
         self.device = device
+        self.tokens = tokens  # the T5 length of a transformer family (see :func:`text_tokens`)
         self.embed = text_embedder(base.family)
         self.text_dtype = base.text_encoders[0].dtype
 
@@ -204,7 +234,7 @@ class CacheBuilder:
         dist = vae.encode(pixels).latent_dist
         captions = list(raw.caption) if isinstance(raw.caption, (list, tuple)) else [raw.caption or ""]
         tensors = {"latent_mean": dist.mean[0], "latent_std": dist.std[0], "time_ids": sample["time_ids"]}
-        tensors.update(self.embed(self.base, captions, self.device, self.text_dtype))
+        tensors.update(self.embed(self.base, captions, self.device, self.text_dtype, self.tokens))
         try:
             cond, ext = image_bytes(raw.condition)
         except (OSError, ValueError) as err:
@@ -214,7 +244,8 @@ class CacheBuilder:
 
     @torch.no_grad()
     def empty_prompt(self) -> bytes:
-        return _save_tensors({k: v[0] for k, v in self.embed(self.base, [""], self.device, self.text_dtype).items()})
+        empty = self.embed(self.base, [""], self.device, self.text_dtype, self.tokens)
+        return _save_tensors({k: v[0] for k, v in empty.items()})
 
 
 def write_empty_prompt(out: Path, data: bytes) -> dict:
@@ -264,11 +295,12 @@ def collate_cached(samples: list[dict]) -> dict:
 
 
 def open_cached(record: dict, root: str | None, base: Any, resolution: int, seed: int, caption_dropout: float,
-                where: str) -> CachedSample:  # fmt: skip
-    """Check a cache against this run and load its empty-caption embedding."""
+                where: str, tokens: int | None = None) -> CachedSample:  # fmt: skip
+    """Check a cache against this run (``tokens``: its T5 length, see :func:`text_tokens`) and load its
+    empty-caption embedding."""
     from safetensors.torch import load
 
-    check_cache(record, base, resolution, where)
+    check_cache(record, base, resolution, where, tokens)
     empty = record.get("empty_prompt") or {}
     path = Path(root or ".") / str(empty.get("file", EMPTY_PROMPT))
     if not path.is_file():

@@ -248,7 +248,12 @@ def flow_matching_step(
     noise = randn(tuple(latents.shape[1:]), gens, latents.device, latents.dtype)
     x0, eps = pack(latents), pack(noise)
     noisy, timesteps, sigmas = flow_matching_inputs(base.noise_scheduler, x0, eps, flow_matching_u(objective, gens))
-    embeds, pooled = prompts(batch["captions"])
+    if "prompt_embeds" in batch:  # a latent cache (make-shards --cache-latents): T5 ran once, when it was made
+        from .cache import cached_prompts
+
+        embeds, pooled = cached_prompts(batch)
+    else:
+        embeds, pooled = prompts(batch["captions"])
     kwargs = make_call(latents, timesteps, embeds, pooled, guidance, base.unet)
     pred = model(noisy, condition=batch["conditioning"].to(latents.device), **kwargs)
     return flow_matching_loss(objective, pred, noisy, x0, eps, sigmas)

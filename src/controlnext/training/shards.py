@@ -952,7 +952,10 @@ def open_stream(cfg: Any, rank: int, world: int, resolution: int,
         if base is None:
             raise ValueError(f"{cfg.dataset} is a latent cache: it needs the base model to be checked against.")
         where = f"--dataset {cfg.dataset}"
+        from .cache import text_tokens
+
+        tokens = text_tokens(base, getattr(cfg, "max_sequence_length", None))
         kw = dict(sample_fn=run_once(lambda: open_cached(shards.cache, shards.root, base, resolution, cfg.seed,
-                                                         cfg.caption_dropout, where)),
+                                                         cfg.caption_dropout, where, tokens)),
                   collate_fn=collate_cached)  # fmt: skip
     return ShardStream(shards, settings, rank, world, cfg.dataloader_num_workers, **kw)
