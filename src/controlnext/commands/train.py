@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
+    from ..hub import train_and_push
     from ..shapes.demo import demo_ref
     from ..training import config_from_args, train
 
@@ -32,11 +33,5 @@ def run(args: argparse.Namespace) -> int:
         args.pretrained_model = str(ref[0])
     cfg = config_from_args(args)
     cfg.command = " ".join(["controlnext", *map(shlex.quote, sys.argv[1:])])
-    if cfg.push_to_hub:
-        from ..hub import check_push, push_outputs
-
-        check_push(cfg.output_dir, cfg.hub_model_id)  # before training: an upload that cannot work fails now
-    train(cfg)
-    if cfg.push_to_hub:
-        print(f"uploaded to {push_outputs(cfg.output_dir, cfg.hub_model_id)}")
+    train_and_push(train, cfg)
     return 0
