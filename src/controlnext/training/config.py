@@ -97,7 +97,10 @@ class TrainConfig:
     pretrained_vae: str | None = option(
         None, help="A different VAE (e.g. an fp16-safe SDXL VAE).", default_text="the base model's", group=MODEL
     )
-    controlnext: str | None = shared("controlnext", None)
+    controlnext: str | None = shared(
+        "controlnext", None, help="Start from this control module (folder, file, hub id, or a zoo name: see "
+        "`controlnext models`)."
+    )
     controlnext_variant: str | None = option(
         None,
         help="Layout of a new control module.",
