@@ -209,3 +209,11 @@ def test_train_video_applies_the_attention_backend(tmp_path):
 
     assert run("eager", attention_backend="eager") == {AttnProcessor}
     assert run("default") == {AttnProcessor2_0}  # sdpa leaves diffusers' choice
+
+
+def test_train_starts_from_a_demo_module_name(fake_train):
+    from controlnext.shapes.demo import demo_assets
+
+    seen, argv = fake_train
+    assert main([*argv, "--controlnext", "demo:mask"]) == 0
+    assert seen[0].controlnext == str(demo_assets() / "mask" / "controlnext.safetensors")

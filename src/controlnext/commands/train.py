@@ -34,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     if (ref := demo_ref(args.pretrained_model)) is not None:  # the shipped base, to train a new module on
         args.pretrained_model = str(ref[0])
     name = getattr(args, "controlnext", None)
-    if name is not None and (entry := get_entry(name)) is not None:  # fine-tune a published module: its cached file
+    if name is not None and (ref := demo_ref(name)) is not None:  # demo:edges / demo:mask: the shipped module
+        args.controlnext = str(ref[1])
+    elif name is not None and (entry := get_entry(name)) is not None:  # fine-tune a published module: its cached file
         if entry.family not in ("sd15", "sdxl", "sd3", "flux"):
             raise UserError(f"--controlnext {name} is not an image control module (family {entry.family}); "
                             "`controlnext train` fine-tunes SD1.5, SDXL, SD3 and Flux modules")  # fmt: skip
