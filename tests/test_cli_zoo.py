@@ -282,3 +282,31 @@ def test_video_takes_the_svd_names_and_dwpose(hub_cache, condition, tmp_path):
     args = build_parser().parse_args([*base, "--guidance", "2.5", "--steps", "4"])
     _resolve_zoo(args)
     assert (args.steps, args.min_guidance, args.max_guidance) == (4, 2.5, 2.5)
+
+
+def test_train_fine_tunes_a_zoo_module_from_the_cache(hub_cache, tmp_path, capsys):
+    import shutil
+
+    from controlnext.shapes.demo import demo_assets
+
+    entry = ZOO["sd15-mask"]
+    module = hub_cache(entry.repo, entry.module)
+    shutil.copy(demo_assets() / "mask" / "controlnext.safetensors", module)  # a published-layout module to start from
+    assert main(["make-dataset", str(tmp_path / "data"), "--n", "2", "--condition", "mask"]) == 0
+    argv = ["train", "--model", "demo", "--dataset", str(tmp_path / "data"), "--resolution", "64", "--train-unet",
+            "none", "--max-train-steps", "1", "--learning-rate", "1e-9", "--report-to", "none", "--cpu-threads", "1",
+            "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    assert main([*argv, "--controlnext", "sd15-mask"]) == 0
+    start, tuned = load_controlnext_file(module), load_controlnext_file(tmp_path / "run" / "controlnext.safetensors")
+    assert tuned.config.variant == start.config.variant
+    for (name, a), b in zip(start.state_dict().items(), tuned.state_dict().values()):  # one 1e-9 step from the file
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    capsys.readouterr()
+    # not downloaded while offline: the zoo's one line, before anything is loaded
+    assert main([*argv, "--controlnext", "sdxl-depth", "--output-dir", str(tmp_path / "run2")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "not in the hub cache" in line and "controlnext download sdxl-depth" in line
+    assert main([*argv, "--controlnext", "svd-v2", "--output-dir", str(tmp_path / "run3")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "svd-v2 is not an image control module" in line
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()

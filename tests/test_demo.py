@@ -123,3 +123,26 @@ def test_docs_grid_is_the_labelled_layout(condition):
     for r in range(rows):  # each row's scores
         y0 = header + r * (cell + gap)
         assert (grid[y0 : y0 + cell, 3 * (cell + gap) :] == 255).any(), r
+
+
+@pytest.mark.parametrize("command", ["demo", "eval"])
+def test_grid_png_records_the_run_settings(command, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from controlnext.shapes.demo import demo_cases
+    from controlnext.web.generation import read_settings
+
+    args = [command, "--output", str(tmp_path), "--n", "2", "--steps", "3", "--guidance", "2.5", "--condition", "mask"]
+    assert main(args) == 0
+    capsys.readouterr()
+    grid = tmp_path / ("grid_mask.png" if command == "demo" else "eval_mask.png")
+    settings = read_settings(grid)
+    _, _, seeds = demo_cases(2, "mask")
+    assert settings["command"] == command and settings["condition"] == "mask" and settings["n"] == 2
+    assert (settings["steps"], settings["guidance"], settings["seeds"]) == (3, 2.5, list(seeds))
+    assert settings["module"].endswith("mask/controlnext.safetensors") and settings["model"]
+    text = Image.open(grid).text["parameters"]
+    assert "Steps: 3" in text and "Guidance: 2.5" in text and f"Command: {command}" in text
+    # The chunk leaves the pixels alone: the layout is that of a grid of 2 rows of 64 px cells zoomed 4x.
+    assert np.asarray(Image.open(grid).convert("RGB")).shape[0] == 28 + 2 * (256 + 4) - 4

@@ -6,9 +6,12 @@ line before hours of training; :func:`push_outputs` uploads the exported files (
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["check_push", "hub_repo_id", "push_outputs"]
+__all__ = ["check_push", "hub_repo_id", "push_outputs", "train_and_push"]
 
 # What is left out of the upload: resumable checkpoints, the output lock and logs (the exports and card go up).
 IGNORE = ["checkpoints/**", "logs/**", "*.lock", ".*", ".*/**"]
@@ -48,3 +51,13 @@ def push_outputs(output_dir: str, hub_model_id: str | None) -> str:
             f"`hf upload {repo} {output_dir}`."
         ) from None
     return f"https://huggingface.co/{url}"
+
+
+def train_and_push(train: Callable[[Any], Any], cfg: Any) -> Any:
+    """``train(cfg)``; with ``cfg.push_to_hub`` the upload is checked before and made after, by the main process."""
+    if cfg.push_to_hub:
+        check_push(cfg.output_dir, cfg.hub_model_id)  # before training: an upload that cannot work fails now
+    result = train(cfg)
+    if cfg.push_to_hub and os.environ.get("RANK", "0") == "0":  # one process of a launch uploads
+        print(f"uploaded to {push_outputs(cfg.output_dir, cfg.hub_model_id)}")
+    return result

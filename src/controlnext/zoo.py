@@ -172,13 +172,16 @@ def download(name: str) -> list[Path]:
     return [_fetch(entry, f, local_only=False) for f in entry.files]
 
 
-def resolve(name: str) -> tuple[ZooEntry, Path | None, Path | None]:
-    """(entry, module file, UNet file) of a zoo name: the cached files, fetched when missing and the hub is online."""
+def resolve(name: str, with_unet: bool = True) -> tuple[ZooEntry, Path | None, Path | None]:
+    """(entry, module file, UNet file) of a zoo name: the cached files, fetched when missing and the hub is online.
+
+    ``with_unet=False``: the module file only (the UNet file is None), for uses that do not apply it.
+    """
     entry = _require(name)
     if entry.module is None:
         raise ZooError(f"{name} holds no control module (files: {', '.join(entry.files)}); see `controlnext models`")
     module = _fetch(entry, entry.module, local_only=_offline())
-    unet = _fetch(entry, entry.unet, local_only=_offline()) if entry.unet else None
+    unet = _fetch(entry, entry.unet, local_only=_offline()) if entry.unet and with_unet else None
     return entry, module, unet
 
 

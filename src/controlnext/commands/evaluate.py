@@ -293,8 +293,11 @@ def run(args: argparse.Namespace) -> int:
         grid = None
         if len({np.asarray(c).shape for c in conds}) == 1:  # a grid needs one cell size
             grid = save_grid(
-                args.output / f"eval_{kind}.png", conds, without[shown], with_[shown], scores=scores, metric=title
-            )
+                args.output / f"eval_{kind}.png", conds, without[shown], with_[shown], scores=scores, metric=title,
+                settings={"command": "eval", "model": base, "module": first.module, "method": first.method,
+                          "condition": kind, "n": len(prompts), "steps": steps, "guidance": guidance,
+                          "control_scale": args.scale, "seeds": list(seeds)},
+            )  # fmt: skip
         cases = [
             {"prompt": p, **{f"{m}_{s}": round(v[s][i], 4) for m, v in first.per_condition.items() for s in v}}
             for i, p in enumerate(prompts)

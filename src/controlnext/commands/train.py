@@ -25,18 +25,23 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
+    from ..cli import UserError
+    from ..hub import train_and_push
     from ..shapes.demo import demo_ref
     from ..training import config_from_args, train
+    from ..zoo import get_entry, resolve
 
     if (ref := demo_ref(args.pretrained_model)) is not None:  # the shipped base, to train a new module on
         args.pretrained_model = str(ref[0])
+    name = getattr(args, "controlnext", None)
+    if name is not None and (ref := demo_ref(name)) is not None:  # demo:edges / demo:mask: the shipped module
+        args.controlnext = str(ref[1])
+    elif name is not None and (entry := get_entry(name)) is not None:  # fine-tune a published module: its cached file
+        if entry.family not in ("sd15", "sdxl", "sd3", "flux"):
+            raise UserError(f"--controlnext {name} is not an image control module (family {entry.family}); "
+                            "`controlnext train` fine-tunes SD1.5, SDXL, SD3 and Flux modules")  # fmt: skip
+        args.controlnext = str(resolve(name, with_unet=False)[1])  # train has no UNet weights to start from
     cfg = config_from_args(args)
     cfg.command = " ".join(["controlnext", *map(shlex.quote, sys.argv[1:])])
-    if cfg.push_to_hub:
-        from ..hub import check_push, push_outputs
-
-        check_push(cfg.output_dir, cfg.hub_model_id)  # before training: an upload that cannot work fails now
-    train(cfg)
-    if cfg.push_to_hub:
-        print(f"uploaded to {push_outputs(cfg.output_dir, cfg.hub_model_id)}")
+    train_and_push(train, cfg)
     return 0

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,13 +143,19 @@ def save_grid(
     zoom: int = 4,
     scores: list[tuple[float, float]] | None = None,
     metric: str = "",
+    settings: dict[str, Any] | None = None,
 ) -> Path:
     """One row per case: condition | without control | with control, with column headers and each row's scores.
 
     Cells are upscaled ``zoom`` times with nearest-neighbour sampling (the pixels the model made, not a blur);
     ``scores`` holds each row's (without, with) fidelity, written beside the row under ``metric``'s name.
+    ``settings`` (the run's command, model, module, condition, n, steps, guidance, seeds) go into the PNG's text
+    chunks as the generation PNGs carry theirs: ``controlnext`` JSON (read back by
+    :func:`controlnext.web.generation.read_settings`) and a one-line ``parameters`` text.
     """
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw, ImageFont, PngImagePlugin
+
+    from ..web.generation import METADATA_KEY
 
     cell = np.asarray(conditions[0], np.uint8).shape[1] * zoom
     gap, header, side = 4, 28, 150 if scores is not None else 0
@@ -170,9 +177,23 @@ def save_grid(
             x = 3 * (cell + gap) + 10
             draw.text((x, y + cell // 2 - 12), f"without {a:.2f}", fill="white", font=font, anchor="lm")
             draw.text((x, y + cell // 2 + 12), f"with    {b:.2f}", fill="white", font=font, anchor="lm")
+    info = None
+    if settings is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(METADATA_KEY, json.dumps(settings, sort_keys=True, default=str))
+        text = ", ".join(f"{k.replace('_', ' ').capitalize()}: {_text(v)}" for k, v in settings.items())
+        info.add_text("parameters", text)
+        info.add_text("Software", "controlnext")
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    grid.save(path, format="PNG", pnginfo=info)
     return path
+
+
+def _text(value: Any) -> str:
+    """One ``parameters`` field value: lists joined by spaces, floats without trailing zeros."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_text(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass
@@ -235,7 +256,12 @@ def run_demo(
         out = Path(output)
         scores = list(zip(report.without_control, report.with_control))
         metric = "mask IoU" if condition == "mask" else "edge F1"
-        grid = save_grid(out / f"grid_{condition}.png", conds, without, with_, scores=scores, metric=metric)
+        module = str(demo_assets() / condition / "controlnext.safetensors") if model == "shipped" else "random"
+        settings = {"command": "demo", "model": model, "module": module, "condition": condition, "n": n,
+                    "steps": steps, "guidance": guidance, "seeds": list(seeds)}  # fmt: skip
+        grid = save_grid(
+            out / f"grid_{condition}.png", conds, without, with_, scores=scores, metric=metric, settings=settings
+        )
     result = DemoResult(condition, model, report.mean_with, report.mean_without, ceiling, per_case, grid, 0.0)
     result.seconds = time.perf_counter() - t0
     if output is not None:

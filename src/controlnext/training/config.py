@@ -97,7 +97,10 @@ class TrainConfig:
     pretrained_vae: str | None = option(
         None, help="A different VAE (e.g. an fp16-safe SDXL VAE).", default_text="the base model's", group=MODEL
     )
-    controlnext: str | None = shared("controlnext", None)
+    controlnext: str | None = shared(
+        "controlnext", None, help="Start from this control module (folder, file, hub id, or a zoo name: see "
+        "`controlnext models`)."
+    )
     controlnext_variant: str | None = option(
         None,
         help="Layout of a new control module.",
@@ -265,13 +268,7 @@ class TrainConfig:
     cpu: bool = option(
         False, help="Train on the CPU even if a GPU is present (also chosen when none is).", group=OPTIMISATION
     )
-    attention_backend: str = option(
-        "sdpa",
-        help="UNet attention: sdpa (torch's scaled_dot_product_attention), xformers, npu-flash (Ascend) or eager "
-        "(plain matmul-softmax).",
-        choices=("sdpa", "xformers", "npu-flash", "eager"),  # = controlnext.attention.ATTENTION_BACKENDS
-        group=OPTIMISATION,
-    )
+    attention_backend: str = shared("attention_backend", "sdpa")
     # checkpoints and outputs
     checkpointing_steps: int = shared("checkpointing_steps", 500)
     checkpoints_total_limit: int | None = shared("checkpoints_total_limit", None)
@@ -292,16 +289,8 @@ class TrainConfig:
         group=OUTPUTS,
     )
     save_unet_as: str = shared("save_unet_as", "values")
-    push_to_hub: bool = option(
-        False,
-        help="Upload the outputs (module, UNet weights, model card; not the checkpoints) to a hub model repository "
-        "when training ends; the hub and a token are checked before training starts.",
-        group=OUTPUTS,
-    )
-    hub_model_id: str | None = option(
-        None, help="Repository for --push-to-hub ('owner/name' or 'name').", default_text="the output folder's name",
-        group=OUTPUTS,
-    )  # fmt: skip
+    push_to_hub: bool = shared("push_to_hub", False)
+    hub_model_id: str | None = shared("hub_model_id", None)
     # validation and logging
     validation_prompt: list[str] = option(
         default_factory=list, help="Prompts of the validation images.", default_text="no validation", group=VALIDATION

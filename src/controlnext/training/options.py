@@ -166,6 +166,21 @@ SHARED: dict[str, dict[str, Any]] = {
         choices=("values", "deltas"),
         group=OUTPUTS,
     ),
+    "attention_backend": dict(
+        help="UNet attention: sdpa (torch's scaled_dot_product_attention), xformers, npu-flash (Ascend) or eager "
+        "(plain matmul-softmax).",
+        choices=("sdpa", "xformers", "npu-flash", "eager"),  # = controlnext.attention.ATTENTION_BACKENDS
+        group=OPTIMISATION,
+    ),
+    "push_to_hub": dict(
+        help="Upload the outputs (module, UNet weights, model card; not the checkpoints) to a hub model repository "
+        "when training ends; the hub and a token are checked before training starts.",
+        group=OUTPUTS,
+    ),
+    "hub_model_id": dict(
+        help="Repository for --push-to-hub ('owner/name' or 'name').", default_text="the output folder's name",
+        group=OUTPUTS,
+    ),
 }
 
 

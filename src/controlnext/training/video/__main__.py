@@ -17,9 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ...hub import train_and_push
     from .loop import train_video
 
-    train_video(video_config_from_args(args))
+    train_and_push(train_video, video_config_from_args(args))
     return 0
 
 

@@ -105,6 +105,7 @@ class VideoTrainConfig:
     adam_epsilon: float = shared("adam_epsilon", 1e-8)
     max_grad_norm: float = shared("max_grad_norm", 1.0)
     mixed_precision: str = shared("mixed_precision", default_factory=default_mixed_precision)
+    attention_backend: str = shared("attention_backend", "sdpa")
     # checkpoints and outputs
     checkpointing_steps: int | None = shared("checkpointing_steps", 500)
     checkpoints_total_limit: int | None = shared("checkpoints_total_limit", None)
@@ -113,6 +114,8 @@ class VideoTrainConfig:
     )
     allow_changed_settings: bool = shared("allow_changed_settings", False)
     save_unet_as: str = shared("save_unet_as", "values", deprecated=("--save-unet",))
+    push_to_hub: bool = shared("push_to_hub", False)
+    hub_model_id: str | None = shared("hub_model_id", None)
     probe_loss: bool = option(
         True,
         help="Measure the loss of one fixed batch before and after training (a learning check).",

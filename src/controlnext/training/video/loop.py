@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...attention import set_attention_backend
 from ...inject import injection_channels
 from ...models.controlnext import ControlNeXtModel
 from ..checkpoint import write_text_atomic
@@ -277,6 +278,8 @@ def _build_models(cfg: VideoTrainConfig, accelerator, dtype: torch.dtype):
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         controlnext.enable_gradient_checkpointing()
+    if cfg.attention_backend != "sdpa":  # sdpa: as diffusers loaded it
+        set_attention_backend(unet, cfg.attention_backend)
     for p in unet.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
