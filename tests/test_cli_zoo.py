@@ -310,3 +310,28 @@ def test_train_fine_tunes_a_zoo_module_from_the_cache(hub_cache, tmp_path, capsy
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "svd-v2 is not an image control module" in line
     assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()
+
+
+def test_train_video_takes_a_zoo_name(hub_cache, tmp_path, capsys, monkeypatch):
+    """train-video --controlnext svd-v2 resolves through the hub cache (offline: the zoo's one line, before anything
+    is loaded); an image module is refused in one line."""
+    import controlnext.training.video.__main__ as video_main
+    from controlnext.cli import build_parser
+    from controlnext.commands import train_video
+
+    argv = ["train-video", "--model", str(tmp_path / "svd"), "--dataset", str(tmp_path / "clips")]
+    assert main([*argv, "--controlnext", "svd-v2", "--output-dir", str(tmp_path / "run")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "not in the hub cache" in line and "controlnext download svd-v2" in line
+    assert main([*argv, "--controlnext", "sd15-mask", "--output-dir", str(tmp_path / "run2")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "sd15-mask is not a video control module" in line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+    # cached: the name becomes the module file that training starts from
+    entry = ZOO["svd-v2"]
+    module = hub_cache(entry.repo, entry.module)
+    module.write_bytes(b"stands for the published file")
+    seen = {}
+    monkeypatch.setattr(video_main, "run", lambda args: seen.setdefault("controlnext", args.controlnext) and 0)
+    assert train_video.run(build_parser().parse_args([*argv, "--controlnext", "svd-v2"])) == 0
+    assert seen["controlnext"] == str(module)
