@@ -6,7 +6,7 @@ Stages, each one invocation that stays under ~10 minutes on one CPU thread (run 
 
     python scripts/dit_study.py base --steps 1279             # a tiny SD3-layout base, from scratch (resumable:
     python scripts/dit_study.py base --steps 2903             #   a second call continues to 2903 steps)
-    python scripts/dit_study.py control --method after_block_4 --seed 0      # one control run: train + evaluate
+    python scripts/dit_study.py control --method after_block_0 --seed 0      # one control run: train + evaluate
     python scripts/dit_study.py control --method controlnet --seed 0
     python scripts/dit_study.py report                        # the markdown tables of every finished run
 
@@ -15,8 +15,9 @@ are frozen and reused; the transformer is diffusers' stock ``SD3Transformer2DMod
 10 joint blocks, 2 heads x 24), trained with the project's flow-matching objective (``training/objectives.py``:
 logit-normal timesteps, preconditioned outputs, as ``train_controlnet_sd3.py``), 10 % empty captions, EMA 0.999,
 on shapes seed 0. Control runs train on shapes seed 1 with ``edges`` conditions; the ControlNeXt module is the
-``sd3`` variant with the demo's small channel counts and ``token_patch=1`` (the demo VAE downsamples 4x, so the
-token grid is 1/8 of the pixels, the encoder's own grid), trained with the family's default transformer subset
+``sd3`` variant's layout with the demo's small channel counts and ``token_patch=1`` (the demo VAE downsamples 4x, so
+the token grid is 1/8 of the pixels, the encoder's own grid; ``two_block:`` methods: the earlier two-block layout),
+trained with the family's default transformer subset
 (image-stream attention output projections of the blocks after the injection point). The ControlNet is diffusers'
 ``SD3ControlNetModel.from_transformer(base, num_layers=3)`` fed the VAE latents of the condition, as the diffusers
 script trains it (the transformer frozen). Same data order, noise, timesteps, LR and steps for every method.
@@ -47,10 +48,15 @@ OBJECTIVE = FlowMatching(weighting_scheme="logit_normal", precondition_outputs=T
 BASE = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=10, attention_head_dim=24,
             num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=48, pooled_projection_dim=64,
             pos_embed_max_size=16)  # fmt: skip
-SMALL_CONTROLNEXT = dict(embedding_channels=(16, 16, 32), block_in_channels=(32, 32), block_out_channels=(32, 64),
-                         groups=(4, 8), mid_groups=8, token_patch=1)  # fmt: skip
+# The `sd3` variant's layout (stem to 1/4 through its max-pool, one residual block, features on the token grid) with
+# the demo's small channel counts; `two_block:` methods use the earlier default, the light UNet layout's two blocks.
+SMALL_CONTROLNEXT = dict(embedding_channels=(16, 16, 32), block_in_channels=(32,), block_out_channels=(64,),
+                         groups=(4,), mid_groups=8, token_patch=1)  # fmt: skip
+SMALL_TWO_BLOCK = dict(SMALL_CONTROLNEXT, embedding_maxpool=False, block_in_channels=(32, 32),
+                       block_out_channels=(32, 64), groups=(4, 8))  # fmt: skip
 POINTS = ("after_block_0", "after_block_4", "after_block_8")
-METHODS = (*POINTS, "module_only:after_block_0", "module_only:after_block_4", "controlnet")
+METHODS = ("after_block_0", *(f"two_block:{p}" for p in POINTS), "two_block:module_only:after_block_0",
+           "two_block:module_only:after_block_4", "controlnet")  # fmt: skip
 CONTROLNET_LAYERS = 3
 EVAL_CASES, EVAL_STEPS, GUIDANCE = 16, 10, 5.0
 SUFFIX = {"edges": "", "mask": "-mask"}  # file names of the runs per condition kind
@@ -198,7 +204,7 @@ class Method:
     def __init__(self, name: str, base, seed: int):
         torch.manual_seed(seed)
         self.name, self.base = name, base
-        point = name.rpartition(":")[2] if name != "controlnet" else None
+        *flags, point = name.split(":")  # e.g. two_block:module_only:after_block_4
         base.requires_grad_(False)
         if name == "controlnet":
             from diffusers import SD3ControlNetModel
@@ -214,10 +220,10 @@ class Method:
 
             self.net = ControlNeXtModel.from_variant(
                 "sd3", out_channels=base.config.num_attention_heads * base.config.attention_head_dim,
-                injection_point=point, **SMALL_CONTROLNEXT,
+                injection_point=point, **(SMALL_TWO_BLOCK if "two_block" in flags else SMALL_CONTROLNEXT),
             )  # fmt: skip
             self.model = ControlledBackbone(base, self.net)
-            patterns = [] if name.startswith("module_only") else get_family("sd3").trainable(point)
+            patterns = [] if "module_only" in flags else get_family("sd3").trainable(point)
             params = dict(base.named_parameters())
             names = select_unet_parameters(base, patterns)
             for n in names:
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("base", "control", "report"))
     p.add_argument("--out", default="runs/dit_study")
-    p.add_argument("--method", choices=METHODS, default="after_block_4")
+    p.add_argument("--method", choices=METHODS, default="after_block_0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="base: 2903 (resumable); control: 400")
     p.add_argument("--batch", type=int, default=16)

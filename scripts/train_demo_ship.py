@@ -4,7 +4,8 @@
 
 ``python scripts/train_demo_ship.py BUILD`` expects ``BUILD/base`` (``scripts/train_base.py``) and
 ``BUILD/edges``, ``BUILD/mask`` (``controlnext train`` outputs). It writes ``src/controlnext/assets/demo/`` and a
-``metrics.json`` beside the cards. Metrics (held-out shapes seed 1234, DPM-Solver++ 20 steps, guidance 5):
+``metrics.json`` beside the cards. Metrics (held-out shapes seed 1234, DPM-Solver++ with the demo's
+steps and guidance, ``DEMO_STEPS`` and ``DEMO_GUIDANCE``):
 
 * base: the fraction of generated images whose shape colour, shape kind and background colour, read back by
   :func:`controlnext.shapes.analysis.describe`, match the caption (and the same reader's accuracy on ground truth);
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from controlnext.shapes.demo import DEMO_GUIDANCE, DEMO_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "src" / "controlnext" / "assets" / "demo"
@@ -111,9 +114,9 @@ offline. Trained from scratch on CPU; {size_mb:.1f} MB of safetensors.
 | text encoder | CLIP text model, 2 layers, width 64, word-level vocabulary (every caption word one token), 16 tokens; trained jointly with the UNet |
 | UNet | `UNet2DConditionModel` (32, 64, 64), cross-attention at 8x8 and 4x4; v-prediction, DDPM linear betas, Min-SNR-5 weighting, 10 % empty captions |
 | training | {runs}; batch {info["batch"]}, AdamW, EMA {info["ema"]} (saved), {info["threads"]} CPU thread; {minutes:.0f} min wall time in total |
-| scheduler | `DPMSolverMultistepScheduler` (use about 20 steps, guidance 5) |
+| scheduler | `DPMSolverMultistepScheduler` (use about {DEMO_STEPS} steps, guidance {DEMO_GUIDANCE:g}) |
 
-## Measured (held-out captions, shapes seed 1234, 20 steps, guidance 5, {acc["n"]} images)
+## Measured (held-out captions, shapes seed 1234, {DEMO_STEPS} steps, guidance {DEMO_GUIDANCE:g}, {acc["n"]} images)
 
 The generated image is read back with `controlnext.shapes.analysis.describe` (background = border median, shape =
 foreground median, kind from the silhouette's solidity / hull vertices / circularity):
@@ -163,7 +166,7 @@ with the code used for published releases (`load_controlnext`, then the pipeline
 | training | `controlnext train`: {summary["steps"]} steps, batch {summary["config"]["train_batch_size"]}, lr {summary["config"]["learning_rate"]} (UNet {summary["config"]["unet_learning_rate"]}), caption dropout {summary["config"]["caption_dropout"]}, seed {summary["config"]["seed"]}, CPU; {summary["seconds"] / 60:.1f} min |
 | final training loss | {summary["final_loss"]:.4f} |
 
-## Control fidelity ({metric}; {fid["n"]} held-out cases, shapes seed 1234, 20 steps, guidance 5)
+## Control fidelity ({metric}; {fid["n"]} held-out cases, shapes seed 1234, {DEMO_STEPS} steps, guidance {DEMO_GUIDANCE:g})
 
 | | fidelity |
 |---|---|
@@ -212,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         info = json.loads((args.build / "base" / "training.json").read_text())
         size = sum(f.stat().st_size for f in dst.rglob("*.safetensors")) / 2**20
-        acc = base_accuracy(dst, args.n_base, 20, 5.0)
+        acc = base_accuracy(dst, args.n_base, DEMO_STEPS, DEMO_GUIDANCE)
         print("base", json.dumps(acc), flush=True)
         (dst / "README.md").write_text(base_card(info, acc, size))
         metrics = {"base": acc}
     for cond in ("edges", "mask"):
         summary = json.loads((args.build / cond / "train_summary.json").read_text())
-        fid = module_fidelity(assets, cond, args.n_fidelity, 20, 5.0)
+        fid = module_fidelity(assets, cond, args.n_fidelity, DEMO_STEPS, DEMO_GUIDANCE)
         print(cond, json.dumps(fid), flush=True)
         metrics[cond] = fid
         cmd_file = args.build / cond / "command.txt"

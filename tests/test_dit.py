@@ -192,10 +192,10 @@ def test_positional_call_reads_the_timestep_by_name():
         assert torch.equal(tr(*args, return_dict=False)[0], by_name)
 
 
-def _tiny() -> dict:
-    from controlnext.testing.models import TINY_CONTROLNEXT
+def _tiny(variant: str = "sd3") -> dict:
+    from controlnext.testing.models import tiny_sizes
 
-    return dict(TINY_CONTROLNEXT, out_channels=32)
+    return dict(tiny_sizes(variant), out_channels=32)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -274,7 +274,7 @@ def test_wrong_family_or_layout_is_a_clear_error():
     with pytest.raises(ValueError, match=r"made for Flux.1 \(flux\) transformers but this transformer is Stable "):
         attach(sd3, tiny_controlnext("flux"))
     with pytest.raises(ValueError, match="gives feature maps but this sd3 transformer's hidden state"):
-        attach(sd3, ControlNeXtModel.from_variant("sdxl", injection_point="after_block_4", **_tiny()))
+        attach(sd3, ControlNeXtModel.from_variant("sdxl", injection_point="after_block_4", **_tiny("sdxl")))
     with pytest.raises(ValueError, match="has no injection point 'before_down_block_0'"):
         attach(flux, tiny_controlnext("sdxl"))
     with pytest.raises(ValueError, match="64 output channels.*has 32 channels"):
@@ -282,7 +282,7 @@ def test_wrong_family_or_layout_is_a_clear_error():
     from controlnext.testing.models import tiny_unet
 
     with pytest.raises(ValueError, match="gives image tokens but this sdxl UNet's hidden state at before_down_block_0"):
-        attach(tiny_unet("sdxl"), ControlNeXtModel.from_variant("sdxl", token_patch=2, **_tiny()))
+        attach(tiny_unet("sdxl"), ControlNeXtModel.from_variant("sdxl", token_patch=2, **_tiny("sdxl")))
     assert not sd3._forward_pre_hooks and not flux._forward_pre_hooks  # nothing left attached after a refusal
 
 

@@ -244,3 +244,24 @@ def test_distributed_two_machines_on_localhost_equal_two_processes(sd15, shapes,
     a, b = _weights(out), _weights(two_process_run[0])
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- transformer families
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_distributed_transformer_family_matches_one_process(family, shapes, tmp_path):
+    """SD3 and Flux (flow matching, T5 prompts) under two DDP processes: ranks agree, and the run equals one process
+    with the same global batch (same samples, noise and timesteps per global position) up to float summation order."""
+    from controlnext.testing.data import write_tiny_base
+
+    base = write_tiny_base(tmp_path / "base", family)
+    args = lambda out, batch: [*_args(base, shapes, out, batch, "--max-sequence-length", "8")]  # noqa: E731
+    proc = _launch(args(tmp_path / "ddp", 2))
+    assert "batch 2 x 2 process(es)" in proc.stdout
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert len(summary["rank_fingerprints"]) == 2 and len(set(summary["rank_fingerprints"])) == 1
+    single = train(parse_train_args(args(tmp_path / "single", 4)))
+    assert abs(summary["final_loss"] - sum(single.losses) / len(single.losses)) < 1e-5
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
+    assert a.keys() == b.keys() and any(k.startswith("transformer_blocks.") for k in a)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 5e-4, worst

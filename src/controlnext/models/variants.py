@@ -114,6 +114,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # SD3.5 large needs 2432, Flux.1: 24 heads x 128), and a module for another width overrides it.
 _DIT = dict(
     _LIGHT,
+    embedding_maxpool=True,
+    block_in_channels=(128,),
+    block_out_channels=(256,),
+    groups=(4,),
     token_patch=2,
     injection_point=AFTER_BLOCK0,  # measured best of blocks 0 / 4 / 8 in the tiny study (docs/dit.md)
     pool_first=False,  # no pooling happens on tokens: both orders agree

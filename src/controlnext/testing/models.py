@@ -24,14 +24,26 @@ TINY_CONTROLNEXT_SD15 = dict(block_in_channels=(3, 16, 32), block_out_channels=(
 TINY_CONTROLNEXT_SVD = dict(
     embedding_channels=(8, 8, 16), block_in_channels=(16, 16, 32), block_out_channels=(16, 32, 32), groups=(4, 8, 8)
 )
+# The transformer layout has one residual block (its stem reaches 1/4 through a max-pool).
+TINY_CONTROLNEXT_DIT = dict(
+    embedding_channels=(8, 8, 16), block_in_channels=(16,), block_out_channels=(32,), groups=(4,), mid_groups=8
+)
+
+
+def tiny_sizes(variant: str) -> dict[str, Any]:
+    """Small channel counts with ``variant``'s structure (its number of residual blocks), as config overrides."""
+    from ..models.variants import DIT_VARIANTS
+
+    if variant in DIT_VARIANTS:
+        return dict(TINY_CONTROLNEXT_DIT)
+    return dict({"sd15": TINY_CONTROLNEXT_SD15, "svd": TINY_CONTROLNEXT_SVD}.get(variant, TINY_CONTROLNEXT))
 
 
 def tiny_controlnext(variant: str, out_channels: int = 32, seed: int = 0, **overrides) -> ControlNeXtModel:
     """A small module with ``variant``'s structure and application rules (not its published channel counts);
     ``overrides`` change config fields (e.g. ``use_timestep=False``)."""
     torch.manual_seed(seed)
-    sizes = {"sd15": TINY_CONTROLNEXT_SD15, "svd": TINY_CONTROLNEXT_SVD}.get(variant, TINY_CONTROLNEXT)
-    return ControlNeXtModel.from_variant(variant, out_channels=out_channels, **{**sizes, **overrides})
+    return ControlNeXtModel.from_variant(variant, out_channels=out_channels, **{**tiny_sizes(variant), **overrides})
 
 
 def tiny_unet(family: str = "sd15", seed: int = 0):

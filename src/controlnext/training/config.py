@@ -446,15 +446,19 @@ class TrainConfig:
         if self.resume_from_checkpoint not in (None, "latest") and not Path(self.resume_from_checkpoint).exists():
             raise FileNotFoundError(f"--resume-from-checkpoint {self.resume_from_checkpoint}: no such folder.")
 
-    def control_overrides(self) -> dict:
-        """``--controlnext-config``: 'tiny', inline JSON, or a JSON file of ControlNeXtModel config overrides."""
+    def control_overrides(self, variant: str | None = None) -> dict:
+        """``--controlnext-config``: 'tiny', inline JSON, or a JSON file of ControlNeXtModel config overrides.
+
+        ``variant``: the layout the module is made with (the family's default when ``--controlnext-variant`` is not
+        given), whose structure 'tiny' keeps.
+        """
         spec = self.controlnext_config
         if not spec:
             return {}
         if spec == "tiny":
-            from ..testing import TINY_CONTROLNEXT, TINY_CONTROLNEXT_SD15
+            from ..testing import tiny_sizes
 
-            return dict(TINY_CONTROLNEXT_SD15 if self.controlnext_variant == "sd15" else TINY_CONTROLNEXT)
+            return tiny_sizes(variant or self.controlnext_variant or "sdxl")
         text = Path(spec).read_text() if Path(spec).is_file() else spec
         try:
             value = json.loads(text)

@@ -144,7 +144,7 @@ def _make_controlnext(cfg: TrainConfig, unet: nn.Module, family: str) -> Control
         warn_non_finite(module, f"--controlnext {cfg.controlnext}")
         return module.to(torch.float32)
     variant = cfg.controlnext_variant or get_family(family).default_variant
-    overrides = cfg.control_overrides()
+    overrides = cfg.control_overrides(variant)
     from ..models.variants import variant_config
 
     point = overrides.get("injection_point", variant_config(variant)["injection_point"])
