@@ -18,8 +18,10 @@ timesteps, batch size, steps and optimiser:
   ``train_controlnet.py`` does; ``t2i_adapter`` is diffusers' ``T2IAdapter`` (timestep-free, one residual per UNet
   down block, passed as ``down_intrablock_additional_residuals``, as ``train_t2i_adapter_sdxl.py`` does).
 
-Usage: ``python scripts/train_demo_controlnext.py BASE OUT --condition edges --steps 1500``; writes
-``OUT/controlnext.safetensors`` (one file, published key layout, config in its metadata) and ``OUT/training.json``.
+Usage: ``python scripts/train_demo_controlnext.py BASE OUT --condition edges --steps 1500 [--method M]``; writes
+``OUT/controlnext.safetensors`` (one file, published key layout, config in its metadata; with the trained UNet
+subset as ``OUT/unet_weight_increasements.safetensors`` deltas), or for ``controlnet`` / ``t2i_adapter`` the diffusers
+folder ``OUT/controlnet`` / ``OUT/t2i_adapter``, and ``OUT/training.json``.
 """
 
 from __future__ import annotations
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("base", type=Path, help="base model folder (diffusers Stable Diffusion layout)")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--condition", choices=("edges", "mask"), required=True)
-    p.add_argument("--method", choices=("cross_norm", "zero_conv"), default="cross_norm")
+    p.add_argument("--method", choices=METHODS, default="cross_norm")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
     args = p.parse_args(argv)
 
-    from controlnext.loading import save_controlnext_file
+    from controlnext.training.export import UNET_DELTAS_FILE, save_control_file, save_unet_subset
 
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -268,13 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in method.params)
     log(f"trainable parameters: {n_params}")
     args.out.mkdir(parents=True, exist_ok=True)
+    unet_names = [n for n, p in base.unet.named_parameters() if p.requires_grad]
+    base_values = {n: p.detach().clone() for n, p in base.unet.named_parameters() if n in unet_names}
 
     def save(step: int) -> None:
         if step == 0:
             return
-        tmp = args.out / "controlnext.safetensors.tmp"
-        save_controlnext_file(method.model, tmp)
-        tmp.replace(args.out / "controlnext.safetensors")
+        if args.method in ("controlnet", "t2i_adapter"):  # diffusers folders, as `controlnext eval --method` reads
+            method.model.save_pretrained(args.out / args.method)
+        else:  # the module in the published layout, and the trained UNet subset as deltas beside it
+            save_control_file(method.model, args.out / "controlnext.safetensors")
+            if unet_names:
+                values = {n: p for n, p in base.unet.named_parameters() if n in unet_names}
+                save_unet_subset(values, args.out / UNET_DELTAS_FILE, base_values)
         info = {
             "condition": args.condition,
             "method": args.method,

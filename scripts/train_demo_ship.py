@@ -87,8 +87,11 @@ def module_fidelity(assets: Path, condition: str, n: int, steps: int, guidance: 
     return dict(report.as_dict(), gain_min=round(float(per.min()), 4), with_min=round(min(report.with_control), 4))
 
 
+MEASURED = "## Measured"  # where the base card's measured part starts (rewritten by --modules-only)
+
+
 def base_card(info: dict, acc: dict, size_mb: float) -> str:
-    g, t = acc["generated"], acc["reader_on_ground_truth"]
+    """The base's model card: what it is and how it was trained (from its training.json), then ``base_measured``."""
     # A base trained in two runs (constant LR, then a cosine anneal with --init) records the first in "init".
     stages = [info["init"], info] if isinstance(info.get("init"), dict) else [info]
     first = stages[0]
@@ -99,7 +102,6 @@ def base_card(info: dict, acc: dict, size_mb: float) -> str:
     )
     minutes = sum(st["total_seconds"] for st in stages) / 60
     commands = "\n".join(st["command"] for st in stages)
-    per_shape = ", ".join(f"{k} {v}" for k, v in acc.get("shape_hits", {}).items())
     return f"""# controlnext demo base: a 64x64 "shapes" text-to-image model
 
 A small Stable Diffusion-layout model (diffusers `StableDiffusionPipeline` folder: `vae/`, `text_encoder/`,
@@ -114,9 +116,24 @@ offline. Trained from scratch on CPU; {size_mb:.1f} MB of safetensors.
 | text encoder | CLIP text model, 2 layers, width 64, word-level vocabulary (every caption word one token), 16 tokens; trained jointly with the UNet |
 | UNet | `UNet2DConditionModel` (32, 64, 64), cross-attention at 8x8 and 4x4; v-prediction, DDPM linear betas, Min-SNR-5 weighting, 10 % empty captions |
 | training | {runs}; batch {info["batch"]}, AdamW, EMA {info["ema"]} (saved), {info["threads"]} CPU thread; {minutes:.0f} min wall time in total |
-| scheduler | `DPMSolverMultistepScheduler` (use about {DEMO_STEPS} steps, guidance {DEMO_GUIDANCE:g}) |
+| scheduler | `DPMSolverMultistepScheduler` (the demo samples {DEMO_STEPS} steps at guidance {DEMO_GUIDANCE:g}) |
 
-## Measured (held-out captions, shapes seed 1234, {DEMO_STEPS} steps, guidance {DEMO_GUIDANCE:g}, {acc["n"]} images)
+## Reproduce
+
+```
+{commands}
+```
+
+(see `docs/demo.md`; deterministic on CPU for a given thread count).
+
+""" + base_measured(acc)
+
+
+def base_measured(acc: dict) -> str:
+    """The base card's measured part: caption accuracy of generated images at the demo's sampling settings."""
+    g, t = acc["generated"], acc["reader_on_ground_truth"]
+    per_shape = ", ".join(f"{k} {v}" for k, v in acc.get("shape_hits", {}).items())
+    return f"""{MEASURED} (held-out captions, shapes seed 1234, {DEMO_STEPS} steps, guidance {DEMO_GUIDANCE:g}, {acc["n"]} images)
 
 The generated image is read back with `controlnext.shapes.analysis.describe` (background = border median, shape =
 foreground median, kind from the silhouette's solidity / hull vertices / circularity):
@@ -129,14 +146,6 @@ foreground median, kind from the silhouette's solidity / hull vertices / circula
 | all three | {g["all"]:.0%} | |
 
 Chance levels: colour 1/8, shape 1/5, background 1/7. Shape kind drawn as asked, per asked shape: {per_shape}.
-
-## Reproduce
-
-```
-{commands}
-```
-
-(see `docs/demo.md`; deterministic on CPU for a given thread count).
 """
 
 
@@ -210,15 +219,16 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy2(args.build / cond / name, assets / cond / name)
 
     # 2. Measure and write the cards.
-    if args.modules_only:  # the shipped base is kept, with its card and measured accuracy
-        metrics = {"base": json.loads((assets / "metrics.json").read_text())["base"]}
+    acc = base_accuracy(dst, args.n_base, DEMO_STEPS, DEMO_GUIDANCE)
+    print("base", json.dumps(acc), flush=True)
+    if args.modules_only:  # the base was not rebuilt: its card keeps its training part, the measured part is new
+        card = (dst / "README.md").read_text()
+        (dst / "README.md").write_text(card[: card.index(MEASURED)] + base_measured(acc))
     else:
         info = json.loads((args.build / "base" / "training.json").read_text())
         size = sum(f.stat().st_size for f in dst.rglob("*.safetensors")) / 2**20
-        acc = base_accuracy(dst, args.n_base, DEMO_STEPS, DEMO_GUIDANCE)
-        print("base", json.dumps(acc), flush=True)
         (dst / "README.md").write_text(base_card(info, acc, size))
-        metrics = {"base": acc}
+    metrics = {"base": acc}
     for cond in ("edges", "mask"):
         summary = json.loads((args.build / cond / "train_summary.json").read_text())
         fid = module_fidelity(assets, cond, args.n_fidelity, DEMO_STEPS, DEMO_GUIDANCE)

@@ -65,7 +65,10 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 def add_sampling_options(p) -> None:
     """Options shared by the commands that sample the small shipped models (`demo`, `eval`)."""
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    from ..shapes.demo import DEMO_GUIDANCE, DEMO_STEPS
+
+    p.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"denoising steps (default {DEMO_STEPS})")
+    p.add_argument("--guidance", type=float, default=DEMO_GUIDANCE,
+                   help=f"classifier-free guidance scale (default {DEMO_GUIDANCE:g})")  # fmt: skip
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
     add_threads_option(p, 1)

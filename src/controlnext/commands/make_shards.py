@@ -98,10 +98,9 @@ def _cache_builder(args: argparse.Namespace):
     from ..shapes.demo import demo_ref
     from ..training.base import load_base_model
     from ..training.cache import CacheBuilder, encoder_dtypes
-    from ..training.dit import is_transformer_base, load_transformer_base
 
     base_path = str(ref[0]) if (ref := demo_ref(args.base)) is not None else args.base
-    base = (load_transformer_base if is_transformer_base(base_path) else load_base_model)(base_path)
+    base = load_base_model(base_path)
     fam = get_family(base.family)
     resolution = args.resolution or fam.resolution
     factor = 2 ** (len(base.vae.config.block_out_channels) - 1) * fam.latent_patch  # whole transformer patches

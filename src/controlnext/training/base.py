@@ -48,7 +48,15 @@ def load_base_model(
     variant: str | None = None,
     vae_path: str | None = None,
 ) -> BaseModel:
-    """Load the base model's components in float32 on the CPU (the caller moves and casts them)."""
+    """Load the base model's components in float32 on the CPU (the caller moves and casts them).
+
+    UNet families here; a transformer family (SD3, Flux: ``family``, or detected) through
+    :func:`controlnext.training.dit.load_transformer_base`, so that every caller has one loader.
+    """
+    from .dit import is_transformer_base, load_transformer_base
+
+    if is_transformer_base(path_or_id, family):
+        return load_transformer_base(path_or_id, family, revision, variant, vae_path)
     local = Path(path_or_id)
     if local.exists() and not local.is_dir():
         raise ValueError(

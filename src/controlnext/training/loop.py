@@ -53,8 +53,6 @@ from .dit import (
     flow_matching_step,
     flow_objective,
     flow_settings,
-    is_transformer_base,
-    load_transformer_base,
 )
 from .engine import (
     LoopSettings,
@@ -249,9 +247,8 @@ class _Models:
 
 
 def _build_models(cfg: TrainConfig, accelerator) -> _Models:
-    dit = is_transformer_base(cfg.pretrained_model, cfg.family)  # SD3 / Flux: see training/dit.py
     with frozen_loading(accelerator):
-        base: BaseModel = (load_transformer_base if dit else load_base_model)(
+        base: BaseModel = load_base_model(
             cfg.pretrained_model, cfg.family, cfg.revision, cfg.base_variant, cfg.pretrained_vae
         )
     family = base.family
