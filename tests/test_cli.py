@@ -256,8 +256,11 @@ def shapes_condition(tmp_path):
 def _generate_demo(tmp_path, name, model, module, condition) -> np.ndarray:
     argv = ["generate", "--model", str(model), "--control-image", str(condition), "--prompt", "a red circle"]
     argv += ["--steps", "2", "-o", str(tmp_path / f"{name}.png")] + (["--controlnext", str(module)] if module else [])
-    if module and Path(module).is_file():  # a module file alone: its UNet deltas are passed explicitly
+    if module and Path(module).is_file():  # files: the UNet deltas and the demo's guidance are passed explicitly
+        from controlnext.shapes.demo import DEMO_GUIDANCE
+
         argv += ["--unet-weights", str(Path(module).parent / "unet_weight_increasements.safetensors")]
+        argv += ["--guidance", str(DEMO_GUIDANCE)]
     assert main(argv) == 0
     return np.asarray(PIL.Image.open(tmp_path / f"{name}.png"))
 

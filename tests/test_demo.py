@@ -148,3 +148,11 @@ def test_grid_png_records_the_run_settings(command, tmp_path, capsys):
     assert "Steps: 3" in text and "Guidance: 2.5" in text and f"Command: {command}" in text
     # The chunk leaves the pixels alone: the layout is that of a grid of 2 rows of 64 px cells zoomed 4x.
     assert np.asarray(Image.open(grid).convert("RGB")).shape[0] == 28 + 2 * (256 + 4) - 4
+
+
+def test_sampling_help_states_the_demo_settings(capsys):
+    # The parser does not import torch, so the help text spells the demo's defaults out: it must agree with them.
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"the demo model's, {DEMO_STEPS})" in text and f"the demo model's, {DEMO_GUIDANCE:g})" in text

@@ -65,10 +65,10 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 def add_sampling_options(p) -> None:
     """Options shared by the commands that sample the small shipped models (`demo`, `eval`)."""
-    from ..shapes.demo import DEMO_GUIDANCE, DEMO_STEPS
-
-    p.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"denoising steps (default {DEMO_STEPS})")
-    p.add_argument("--guidance", type=float, default=DEMO_GUIDANCE,
-                   help=f"classifier-free guidance scale (default {DEMO_GUIDANCE:g})")  # fmt: skip
+    # Defaults are the demo model's (controlnext.shapes.demo: 20 steps, guidance 3), filled in by the command so
+    # that building the parser does not import torch.
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the demo model's, 20)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the demo model's, 3)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
     add_threads_option(p, 1)

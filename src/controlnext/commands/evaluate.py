@@ -85,7 +85,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--n", type=int, default=32, help="number of cases (default 32)")
     add_sampling_options(p)
-    p.set_defaults(steps=None, guidance=None)  # resolved in run(): the protocol's, else the shapes defaults
     p.add_argument(
         "--protocol",
         choices=("controlnet++",),
