@@ -146,9 +146,9 @@ def text_tokens(base: Any, requested: int | None = None) -> int | None:
 
     if get_family(base.family).denoiser != "transformer":
         return None
-    from .dit import TransformerPromptEncoder
+    from .dit import stock_sequence_length
 
-    return TransformerPromptEncoder(base, "cpu", torch.float32, 0, requested).max_sequence_length
+    return requested or stock_sequence_length(base.family)
 
 
 def cache_identity(base: Any, resolution: int, tokens: int | None = None) -> dict:

@@ -37,6 +37,7 @@ __all__ = [
     "flow_settings",
     "is_transformer_base",
     "load_transformer_base",
+    "stock_sequence_length",
     "text_pipeline",
 ]
 
@@ -102,6 +103,12 @@ def text_pipeline(base: BaseModel):
     return fam.stock_pipeline_class()(transformer=None, vae=None, scheduler=None, **parts)
 
 
+def stock_sequence_length(family: str) -> int:
+    """The T5 length the family's stock pipeline encodes prompts at (its ``encode_prompt`` default)."""
+    pipeline = get_family(family).stock_pipeline_class()
+    return inspect.signature(pipeline.encode_prompt).parameters["max_sequence_length"].default
+
+
 def encode_sd3_prompts(pipe, captions: list[str], device, max_sequence_length: int = 256) -> dict[str, torch.Tensor]:
     """SD3's conditioning of ``captions`` as ``StableDiffusion3Pipeline.encode_prompt`` makes it (no guidance):
     ``encoder_hidden_states`` (B, 77 + T5 tokens, D) and ``pooled_projections`` (B, pooled CLIP-L + CLIP-G)."""
@@ -134,8 +141,7 @@ class TransformerPromptEncoder(PromptEncoder):
     def __init__(self, base: BaseModel, device, dtype, cache_size: int = 1024, max_sequence_length: int | None = None):
         super().__init__(base, device, dtype, cache_size)
         self.pipe = text_pipeline(base)
-        stock = inspect.signature(type(self.pipe).encode_prompt).parameters["max_sequence_length"].default
-        self.max_sequence_length = max_sequence_length or stock
+        self.max_sequence_length = max_sequence_length or stock_sequence_length(base.family)
         self._fn = PROMPT_ENCODERS[base.family]
 
     @torch.no_grad()
