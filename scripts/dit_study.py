@@ -23,6 +23,14 @@ trained with the family's default transformer subset
 script trains it (the transformer frozen). Same data order, noise, timesteps, LR and steps for every method.
 Fidelity: edge F1 (2 px) of 16 held-out demo cases (shapes seed 1234), Euler 10 steps, guidance 5, fixed seeds;
 with ``--condition mask`` the runs train on masks and score mask IoU (the JSON field is still ``edge_f1``).
+
+``--layout flux`` (every stage; runs in ``runs/dit_study_flux``): the same study on a tiny ``FluxTransformer2DModel``
+(``FLUX_BASE``: latents packed 2x2 into the same 8x8 tokens, rotary img/txt ids, t / 1000, as ``training/dit.py``
+calls Flux; no guidance embedding, schnell-like, so guidance 5 is classifier-free guidance on a CFG batch; the demo's
+CLIP as the only text encoder, its hidden states as the T5 stream and its pooled output as the pooled projection),
+the same objective, data, schedules and evaluation. ControlNeXt is the ``flux`` variant with the same small channels
+and the family's default subset; the ControlNet is diffusers' ``FluxControlNetModel.from_transformer`` with
+``FLUX_CONTROLNET_LAYERS`` (double, single) blocks fed the packed condition latents, as ``train_controlnet_flux.py``.
 """
 
 from __future__ import annotations
@@ -42,12 +50,19 @@ from controlnext.shapes.demo import demo_assets, demo_cases
 from controlnext.shapes.metrics import mean_fidelity
 from controlnext.shapes.world import condition_image, render_sample
 from controlnext.training.core import ControlledBackbone, sample_generators
+from controlnext.training.dit import _CALLS as LAYOUT_CALLS  # per family: latent packing, the transformer's call
 from controlnext.training.objectives import FlowMatching, flow_matching_inputs, flow_matching_loss, flow_matching_u
 
 OBJECTIVE = FlowMatching(weighting_scheme="logit_normal", precondition_outputs=True)
 BASE = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=10, attention_head_dim=24,
             num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=48, pooled_projection_dim=64,
             pos_embed_max_size=16)  # fmt: skip
+# The Flux counterpart: 16 in-channels are the 4 latent channels packed 2x2 (the same 8x8 tokens as SD3's patch 2),
+# rotary axes summing to the head width; no guidance embedding (as schnell), so the evaluation's guidance is CFG.
+FLUX_BASE = dict(patch_size=1, in_channels=16, num_layers=5, num_single_layers=10, attention_head_dim=24,
+                 num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+                 axes_dims_rope=(4, 10, 10))  # fmt: skip
+LAYOUTS = {"sd3": ("SD3Transformer2DModel", BASE), "flux": ("FluxTransformer2DModel", FLUX_BASE)}
 # The `sd3` variant's layout (stem to 1/4 through its max-pool, one residual block, features on the token grid) with
 # the demo's small channel counts; `two_block:` methods use the earlier default, the light UNet layout's two blocks.
 SMALL_CONTROLNEXT = dict(embedding_channels=(16, 16, 32), block_in_channels=(32,), block_out_channels=(64,),
@@ -58,6 +73,7 @@ POINTS = ("after_block_0", "after_block_4", "after_block_8")
 METHODS = ("after_block_0", *(f"two_block:{p}" for p in POINTS), "two_block:module_only:after_block_0",
            "two_block:module_only:after_block_4", "controlnet")  # fmt: skip
 CONTROLNET_LAYERS = 3
+FLUX_CONTROLNET_LAYERS = (2, 2)  # double-stream, single-stream blocks copied from the base
 EVAL_CASES, EVAL_STEPS, GUIDANCE = 16, 10, 5.0
 SUFFIX = {"edges": "", "mask": "-mask"}  # file names of the runs per condition kind
 METRIC = {"edges": "edge F1", "mask": "mask IoU"}
@@ -123,17 +139,38 @@ def dataset(frozen: Frozen, seed: int, n: int, cache: Path) -> dict[str, torch.T
 
 
 # ------------------------------------------------------------------------------------------------ one step
-def batch_inputs(data, rows: torch.Tensor, step: int, seed: int, drop: float = 0.1):
-    """Noisy latents, timesteps, sigmas, text of a batch; every draw from per-sample generators (same for every
-    method with the same seed)."""
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents (B, 4, 16, 16) as the base takes them: unchanged for SD3, 2x2-packed tokens for Flux."""
+    return LAYOUT_CALLS[ARGS.layout][0](latents)
+
+
+def unpack(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack`, to the shape of the latents ``like``."""
+    if ARGS.layout == "sd3":
+        return x
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._unpack_latents(x, *like.shape[-2:], 1)  # sizes in latents: a "VAE factor" of 1
+
+
+def base_kwargs(base, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> dict:
+    """The base's call arguments besides the sample (``latents``: unpacked, for their grid): SD3's timestep and
+    text; Flux's t / 1000, text and rotary ids, without guidance embedding."""
+    return LAYOUT_CALLS[ARGS.layout][1](latents, t, states, pooled, None, base)
+
+
+def batch_inputs(data, rows: torch.Tensor, step: int, seed: int, base, drop: float = 0.1):
+    """Targets, noise, noisy latents (packed for the base), sigmas and the base's call arguments of a batch; every
+    draw from per-sample generators (same for every method with the same seed)."""
     gens = sample_generators(seed, step, 0, 0, len(rows))
-    x0 = data["latents"][rows]
-    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+    latents = data["latents"][rows]
+    noise = pack(torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]))
     u = flow_matching_u(OBJECTIVE, gens)
     keep = torch.tensor([torch.rand((), generator=g).item() >= drop for g in gens])
     caption = torch.where(keep, data["caption"][rows], data["empty"])
+    x0 = pack(latents)
     noisy, t, sigmas = flow_matching_inputs(FROZEN.scheduler, x0, noise, u)
-    return x0, noise, noisy, t, sigmas, data["states"][caption], data["pooled"][caption]
+    return x0, noise, noisy, sigmas, base_kwargs(base, latents, t, data["states"][caption], data["pooled"][caption])
 
 
 def order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -149,11 +186,15 @@ def batches(n: int, batch: int, seed: int, start: int, steps: int):
 
 
 # ------------------------------------------------------------------------------------------------ base
-def make_base():
-    from diffusers import SD3Transformer2DModel
+def base_class() -> type:
+    import diffusers
 
+    return getattr(diffusers, LAYOUTS[ARGS.layout][0])
+
+
+def make_base():
     torch.manual_seed(0)
-    return SD3Transformer2DModel(**BASE)
+    return base_class()(**LAYOUTS[ARGS.layout][1])
 
 
 def train_base(args) -> None:
@@ -177,8 +218,8 @@ def train_base(args) -> None:
             break
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 100)
-        x0, noise, noisy, t, sigmas, states, pooled = batch_inputs(data, rows, step, 0)
-        pred = model(noisy, timestep=t, encoder_hidden_states=states, pooled_projections=pooled, return_dict=False)[0]
+        x0, noise, noisy, sigmas, kw = batch_inputs(data, rows, step, 0, model)
+        pred = model(noisy, return_dict=False, **kw)[0]
         loss = flow_matching_loss(OBJECTIVE, pred, noisy, x0, noise, sigmas)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -199,14 +240,24 @@ def train_base(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ control
 class Method:
-    """A control method on the frozen base: ``pred(noisy, t, states, pooled, rows)`` and its trained parameters."""
+    """A control method on the frozen base: ``pred(noisy, kw, cond, cond_latents)`` and its trained parameters."""
 
     def __init__(self, name: str, base, seed: int):
         torch.manual_seed(seed)
         self.name, self.base = name, base
         *flags, point = name.split(":")  # e.g. two_block:module_only:after_block_4
         base.requires_grad_(False)
-        if name == "controlnet":
+        if name == "controlnet" and ARGS.layout == "flux":
+            from diffusers import FluxControlNetModel
+
+            # As train_controlnet_flux.py: the first double and single blocks copied, the condition's embedding zeroed.
+            double, single = FLUX_CONTROLNET_LAYERS
+            self.net = FluxControlNetModel.from_transformer(
+                base, num_layers=double, num_single_layers=single, attention_head_dim=base.config.attention_head_dim,
+                num_attention_heads=base.config.num_attention_heads,
+            )  # fmt: skip
+            self.params = list(self.net.parameters())
+        elif name == "controlnet":
             from diffusers import SD3ControlNetModel
 
             # As train_controlnet_sd3.py: the first blocks copied, the condition latents' patch embedding zeroed.
@@ -219,19 +270,24 @@ class Method:
             from controlnext.training.trainable import select_unet_parameters
 
             self.net = ControlNeXtModel.from_variant(
-                "sd3", out_channels=base.config.num_attention_heads * base.config.attention_head_dim,
+                ARGS.layout, out_channels=base.config.num_attention_heads * base.config.attention_head_dim,
                 injection_point=point, **(SMALL_TWO_BLOCK if "two_block" in flags else SMALL_CONTROLNEXT),
             )  # fmt: skip
             self.model = ControlledBackbone(base, self.net)
-            patterns = [] if "module_only" in flags else get_family("sd3").trainable(point)
+            patterns = [] if "module_only" in flags else get_family(ARGS.layout).trainable(point)
             params = dict(base.named_parameters())
             names = select_unet_parameters(base, patterns)
             for n in names:
                 params[n].requires_grad_(True)
             self.params = list(self.net.parameters()) + [params[n] for n in names]
 
-    def pred(self, noisy, t, states, pooled, cond, cond_latents):
-        kw = dict(timestep=t, encoder_hidden_states=states, pooled_projections=pooled)
+    def pred(self, noisy, kw, cond, cond_latents):
+        """The prediction for ``noisy`` (packed) with the base's call arguments ``kw``; ``cond`` the condition images
+        (ControlNeXt), ``cond_latents`` their VAE latents, unpacked (the ControlNet)."""
+        if self.name == "controlnet" and ARGS.layout == "flux":
+            double, single = self.net(hidden_states=noisy, controlnet_cond=pack(cond_latents), return_dict=False, **kw)
+            return self.base(noisy, controlnet_block_samples=double, controlnet_single_block_samples=single,
+                             return_dict=False, **kw)[0]  # fmt: skip
         if self.name == "controlnet":
             res = self.net(hidden_states=noisy, controlnet_cond=cond_latents, return_dict=False, **kw)[0]
             return self.base(noisy, block_controlnet_hidden_states=res, return_dict=False, **kw)[0]
@@ -247,35 +303,34 @@ def evaluate(base, method: Method | None, label: str) -> float:
     e_states, e_pooled = FROZEN.captions([""] * len(prompts))
     cond = torch.from_numpy(np.stack(conds)).permute(0, 3, 1, 2).float() / 255
     cond_latents = FROZEN.latents(np.stack(conds))
-    x = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(100 + s + 2 * i))
-                     for i, s in enumerate(seeds)])  # fmt: skip
+    x0 = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(100 + s + 2 * i))
+                      for i, s in enumerate(seeds)])  # fmt: skip
+    x = pack(x0)  # the scheduler's step is elementwise: it runs on the packed tokens
     sched = copy.deepcopy(FROZEN.scheduler)
     sched.set_timesteps(EVAL_STEPS)
     if method is not None:  # the base has no dropout: only the method's mode matters
         method.net.eval()
     for t in sched.timesteps:
         x2 = torch.cat([x, x])
-        args = (torch.cat([e_states, states]), torch.cat([e_pooled, pooled]))
-        tt = t.expand(len(x2))
+        kw = base_kwargs(base, torch.cat([x0, x0]), t.expand(len(x2)), torch.cat([e_states, states]),
+                         torch.cat([e_pooled, pooled]))  # fmt: skip
         if method is None:
-            v = base(x2, timestep=tt, encoder_hidden_states=args[0], pooled_projections=args[1], return_dict=False)[0]
+            v = base(x2, return_dict=False, **kw)[0]
         else:
-            v = method.pred(x2, tt, *args, torch.cat([cond, cond]), torch.cat([cond_latents, cond_latents]))
+            v = method.pred(x2, kw, torch.cat([cond, cond]), torch.cat([cond_latents, cond_latents]))
         uncond, text = v.chunk(2)
         x = sched.step(uncond + GUIDANCE * (text - uncond), t, x).prev_sample
     if method is not None:
         method.net.train()
-    images = FROZEN.decode(x)
+    images = FROZEN.decode(unpack(x, x0))
     if label:
         np.save(Path(ARGS.out) / f"samples-{label}.npy", images)
     return float(np.mean(mean_fidelity(list(images), conds, ARGS.condition)))
 
 
 def train_control(args) -> None:
-    from diffusers import SD3Transformer2DModel
-
     out = Path(args.out)
-    base = SD3Transformer2DModel.from_pretrained(out / "base")
+    base = base_class().from_pretrained(out / "base")
     data = dataset(FROZEN, 1, args.n, out / f"data-seed1{SUFFIX[args.condition]}.pt")
     method = Method(args.method, base, args.seed)
     trained = sum(p.numel() for p in method.params)
@@ -287,8 +342,8 @@ def train_control(args) -> None:
         ts = time.time()
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 50)
-        x0, noise, noisy, t, sigmas, states, pooled = batch_inputs(data, rows, step, 1000 + args.seed)
-        pred = method.pred(noisy, t, states, pooled, data["cond"][rows], data["cond_latents"][rows])
+        x0, noise, noisy, sigmas, kw = batch_inputs(data, rows, step, 1000 + args.seed, base)
+        pred = method.pred(noisy, kw, data["cond"][rows], data["cond_latents"][rows])
         loss = flow_matching_loss(OBJECTIVE, pred, noisy, x0, noise, sigmas)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(method.params, 1.0)
@@ -350,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     global ARGS, FROZEN
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("base", "control", "report"))
-    p.add_argument("--out", default="runs/dit_study")
+    p.add_argument("--layout", choices=tuple(LAYOUTS), default="sd3", help="the base transformer's layout")
+    p.add_argument("--out", default=None, help="default: runs/dit_study (sd3), runs/dit_study_flux (flux)")
     p.add_argument("--method", choices=METHODS, default="after_block_0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="base: 2903 (resumable); control: 400")
@@ -363,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=540, help="base: at most this many seconds of training per call")
     p.add_argument("--save", default=None, help="report: also write every run's numbers to this JSON file")
     ARGS = p.parse_args(argv)
+    ARGS.out = ARGS.out or {"sd3": "runs/dit_study", "flux": "runs/dit_study_flux"}[ARGS.layout]
     torch.set_num_threads(ARGS.threads)
     if ARGS.stage == "report":
         report(ARGS)
