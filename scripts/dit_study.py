@@ -71,7 +71,10 @@ SMALL_TWO_BLOCK = dict(SMALL_CONTROLNEXT, embedding_maxpool=False, block_in_chan
                        block_out_channels=(32, 64), groups=(4, 8))  # fmt: skip
 POINTS = ("after_block_0", "after_block_4", "after_block_8")
 METHODS = ("after_block_0", *(f"two_block:{p}" for p in POINTS), "two_block:module_only:after_block_0",
-           "two_block:module_only:after_block_4", "controlnet")  # fmt: skip
+           "two_block:module_only:after_block_4", "single_out:after_block_0", "controlnet")  # fmt: skip
+# `single_out:` also trains the single-stream blocks' output projections (Flux: attention and MLP share `proj_out`).
+SINGLE_OUT = r"^single_transformer_blocks\.\d+\.proj_out\."
+
 CONTROLNET_LAYERS = 3
 FLUX_CONTROLNET_LAYERS = (2, 2)  # double-stream, single-stream blocks copied from the base
 EVAL_CASES, EVAL_STEPS, GUIDANCE = 16, 10, 5.0
@@ -275,6 +278,7 @@ class Method:
             )  # fmt: skip
             self.model = ControlledBackbone(base, self.net)
             patterns = [] if "module_only" in flags else get_family(ARGS.layout).trainable(point)
+            patterns += [SINGLE_OUT] if "single_out" in flags else []
             params = dict(base.named_parameters())
             names = select_unet_parameters(base, patterns)
             for n in names:
