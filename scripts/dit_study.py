@@ -71,9 +71,12 @@ SMALL_TWO_BLOCK = dict(SMALL_CONTROLNEXT, embedding_maxpool=False, block_in_chan
                        block_out_channels=(32, 64), groups=(4, 8))  # fmt: skip
 POINTS = ("after_block_0", "after_block_4", "after_block_8")
 METHODS = ("after_block_0", *(f"two_block:{p}" for p in POINTS), "two_block:module_only:after_block_0",
-           "two_block:module_only:after_block_4", "single_out:after_block_0", "controlnet")  # fmt: skip
-# `single_out:` also trains the single-stream blocks' output projections (Flux: attention and MLP share `proj_out`).
+           "two_block:module_only:after_block_4", "single_out:after_block_0", "single_lora:after_block_0",
+           "controlnet")  # fmt: skip
+# `single_out:` also trains the single-stream blocks' output projections (Flux: attention and MLP share `proj_out`);
+# `single_lora:` trains a rank-SINGLE_LORA_RANK LoRA (peft) on them instead.
 SINGLE_OUT = r"^single_transformer_blocks\.\d+\.proj_out\."
+SINGLE_LORA_RANK = 4
 
 CONTROLNET_LAYERS = 3
 FLUX_CONTROLNET_LAYERS = (2, 2)  # double-stream, single-stream blocks copied from the base
@@ -276,6 +279,14 @@ class Method:
                 ARGS.layout, out_channels=base.config.num_attention_heads * base.config.attention_head_dim,
                 injection_point=point, **(SMALL_TWO_BLOCK if "two_block" in flags else SMALL_CONTROLNEXT),
             )  # fmt: skip
+            lora = []
+            if "single_lora" in flags:
+                from peft import LoraConfig
+
+                config = LoraConfig(r=SINGLE_LORA_RANK, lora_alpha=SINGLE_LORA_RANK, init_lora_weights="gaussian",
+                                    target_modules=r"single_transformer_blocks\.\d+\.proj_out")  # fmt: skip
+                base.add_adapter(config)
+                lora = [p for n, p in base.named_parameters() if "lora_" in n]
             self.model = ControlledBackbone(base, self.net)
             patterns = [] if "module_only" in flags else get_family(ARGS.layout).trainable(point)
             patterns += [SINGLE_OUT] if "single_out" in flags else []
@@ -283,7 +294,7 @@ class Method:
             names = select_unet_parameters(base, patterns)
             for n in names:
                 params[n].requires_grad_(True)
-            self.params = list(self.net.parameters()) + [params[n] for n in names]
+            self.params = list(self.net.parameters()) + [params[n] for n in names] + lora
 
     def pred(self, noisy, kw, cond, cond_latents):
         """The prediction for ``noisy`` (packed) with the base's call arguments ``kw``; ``cond`` the condition images

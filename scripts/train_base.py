@@ -293,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
 
-    noise_sched = make_scheduler(args.prediction_type)
+    from diffusers import DDPMScheduler
+
+    # The sampling scheduler's betas; its DDPM twin gives the forward process (add_noise, get_velocity).
+    noise_sched = DDPMScheduler.from_config(make_scheduler(args.prediction_type).config)
     alphas_cumprod = noise_sched.alphas_cumprod
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
     gen = torch.Generator().manual_seed(args.seed)
