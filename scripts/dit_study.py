@@ -50,7 +50,7 @@ from controlnext.shapes.demo import demo_assets, demo_cases
 from controlnext.shapes.metrics import mean_fidelity
 from controlnext.shapes.world import condition_image, render_sample
 from controlnext.training.core import ControlledBackbone, sample_generators
-from controlnext.training.dit import _CALLS as LAYOUT_CALLS  # per family: latent packing, the transformer's call
+from controlnext.training.dit import pack_latents, transformer_kwargs
 from controlnext.training.objectives import FlowMatching, flow_matching_inputs, flow_matching_loss, flow_matching_u
 
 OBJECTIVE = FlowMatching(weighting_scheme="logit_normal", precondition_outputs=True)
@@ -147,7 +147,7 @@ def dataset(frozen: Frozen, seed: int, n: int, cache: Path) -> dict[str, torch.T
 # ------------------------------------------------------------------------------------------------ one step
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """VAE latents (B, 4, 16, 16) as the base takes them: unchanged for SD3, 2x2-packed tokens for Flux."""
-    return LAYOUT_CALLS[ARGS.layout][0](latents)
+    return pack_latents(ARGS.layout, latents)
 
 
 def unpack(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -162,7 +162,7 @@ def unpack(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def base_kwargs(base, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> dict:
     """The base's call arguments besides the sample (``latents``: unpacked, for their grid): SD3's timestep and
     text; Flux's t / 1000, text and rotary ids, without guidance embedding."""
-    return LAYOUT_CALLS[ARGS.layout][1](latents, t, states, pooled, None, base)
+    return transformer_kwargs(ARGS.layout, latents, t, states, pooled, None, base)
 
 
 def batch_inputs(data, rows: torch.Tensor, step: int, seed: int, base, drop: float = 0.1):

@@ -16,7 +16,8 @@ MODULE_STEPS=${MODULE_STEPS:-3000}
 EDGES_CONFIG='{"embedding_channels": [16, 16, 32], "block_in_channels": [32], "block_out_channels": [64], "groups": [4], "mid_groups": 8}'
 MASK_CONFIG='{"embedding_channels": [16, 16, 32], "block_in_channels": [32, 32], "block_out_channels": [32, 64], "groups": [4, 8], "mid_groups": 8}'
 mkdir -p "$BUILD"
-done_() { [ -f "$1/training.json" ] && grep -q '"final": true' "$1/training.json"; }
+# A stage is done when its record says so at the top level (the nested "init" record of stage 2 is stage 1's).
+done_() { python -c 'import json, sys; sys.exit(not json.load(open(sys.argv[1])).get("final"))' "$1/training.json" 2>/dev/null; }
 
 # 1. Base model: VAE, then text encoder + UNet (v-prediction) at a constant LR, in the diffusers SD layout.
 done_ "$BUILD/base_stage1" || python scripts/train_base.py "$BUILD/base_stage1" --seed 0 --threads "$THREADS" \

@@ -83,6 +83,28 @@ def test_the_shared_options_have_one_spelling_default_and_meaning():
     assert flags["pretrained_model"][0][0] == "--model"
 
 
+def test_controlnext_config_is_one_parser_for_train_and_train_video(tmp_path):
+    """'tiny' keeps the variant's number of residual blocks in both commands; JSON inline or in a file; anything
+    else is one error naming what was expected."""
+    from controlnext.models.variants import variant_config
+
+    for variant in ("svd", "svd-v2"):
+        tiny = _video(["--model", "m", "--dataset", "d", "--controlnext-variant", variant,
+                       "--controlnext-config", "tiny"]).control_overrides()  # fmt: skip
+        assert len(tiny["block_out_channels"]) == len(variant_config(variant)["block_out_channels"]), variant
+    assert TrainConfig(controlnext_config="tiny", controlnext_variant="sd15").control_overrides() == (
+        TrainConfig(controlnext_config="tiny").control_overrides("sd15")
+    )
+    (tmp_path / "c.json").write_text('{"mid_groups": 4}')
+    from_file = _video(["--model", "m", "--dataset", "d", "--controlnext-config", str(tmp_path / "c.json")])
+    assert from_file.control_overrides() == {"mid_groups": 4}
+    for bad, expected in (("{oops", "could not parse"), ("[1, 2]", "JSON object of config fields")):
+        with pytest.raises(ValueError, match=expected):
+            _video(["--model", "m", "--dataset", "d", "--controlnext-config", bad]).control_overrides()
+        with pytest.raises(ValueError, match=expected):
+            TrainConfig(controlnext_config=bad).control_overrides()
+
+
 def test_accelerate_launch_precision_is_the_default(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert TrainConfig().mixed_precision == VideoTrainConfig().mixed_precision == "bf16"

@@ -31,10 +31,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
-    from ..shapes.demo import DEMO_GUIDANCE, DEMO_STEPS, run_demo
+    from ..shapes.demo import demo_sampling, run_demo
 
-    args.steps = DEMO_STEPS if args.steps is None else args.steps
-    args.guidance = DEMO_GUIDANCE if args.guidance is None else args.guidance
+    args.steps, args.guidance = demo_sampling(args.steps, args.guidance)
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
 

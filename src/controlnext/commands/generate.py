@@ -208,15 +208,14 @@ def _resolve_names(args: argparse.Namespace) -> list[tuple[str, str]]:
     A demo --model brings its module unless one is given; a zoo module brings its base model (when --model is not
     given), its UNet file and its recommended scale, steps and guidance (where those are not given).
     """
-    from ..shapes.demo import DEMO_GUIDANCE, DEMO_STEPS, demo_ref, demo_unet_weights
+    from ..shapes.demo import demo_ref, demo_sampling, demo_unet_weights
     from ..zoo import get_entry, resolve
 
     if args.model is not None and (ref := demo_ref(args.model)) is not None:
         args.controlnext = args.controlnext or [args.model]  # resolved below, with its UNet weights
         args.model = str(ref[0])
         # The demo model's own sampling settings, as `controlnext demo` and the web app use them.
-        args.steps = DEMO_STEPS if args.steps is None else args.steps
-        args.guidance = DEMO_GUIDANCE if args.guidance is None else args.guidance
+        args.steps, args.guidance = demo_sampling(args.steps, args.guidance)
     unet_files = []
     entries = []
     scales = [1.0] * len(args.controlnext or [])  # the recommended scale of each zoo module, 1 for the others

@@ -36,6 +36,7 @@ __all__ = [
     "demo_assets",
     "demo_cases",
     "demo_ref",
+    "demo_sampling",
     "load_demo_pipeline",
     "run_demo",
     "save_grid",
@@ -47,6 +48,11 @@ DEMO_STEPS = 20
 # Guidance 3, not the usual 5-7.5: at 5 the shapes swell past their outlines (edge F1 0.66 vs 0.85 on the 8
 # default cases) while the base's caption accuracy stays within 2 images of 64 (docs/demo.md, "Guidance").
 DEMO_GUIDANCE = 3.0
+
+
+def demo_sampling(steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """Steps and guidance for the demo model: the given values, the demo's own where a value is None."""
+    return (DEMO_STEPS if steps is None else steps, DEMO_GUIDANCE if guidance is None else guidance)
 
 
 def demo_assets() -> Path | None:

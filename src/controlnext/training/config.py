@@ -30,6 +30,7 @@ __all__ = [
     "add_train_arguments",
     "check_range",
     "config_from_args",
+    "parse_control_overrides",
     "parse_train_args",
 ]
 
@@ -447,33 +448,36 @@ class TrainConfig:
             raise FileNotFoundError(f"--resume-from-checkpoint {self.resume_from_checkpoint}: no such folder.")
 
     def control_overrides(self, variant: str | None = None) -> dict:
-        """``--controlnext-config``: 'tiny', inline JSON, or a JSON file of ControlNeXtModel config overrides.
+        """``--controlnext-config`` as ControlNeXtModel config overrides (see :func:`parse_control_overrides`).
 
         ``variant``: the layout the module is made with (the family's default when ``--controlnext-variant`` is not
         given), whose structure 'tiny' keeps.
         """
-        spec = self.controlnext_config
-        if not spec:
-            return {}
-        if spec == "tiny":
-            from ..testing import tiny_sizes
-
-            return tiny_sizes(variant or self.controlnext_variant or "sdxl")
-        text = Path(spec).read_text() if Path(spec).is_file() else spec
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"--controlnext-config must be 'tiny', a JSON object or a JSON file; could not parse {spec!r}: {err}."
-            ) from None
-        if not isinstance(value, dict):
-            raise ValueError(
-                f"--controlnext-config must be a JSON object of config fields, got {type(value).__name__}."
-            )
-        return value
+        return parse_control_overrides(self.controlnext_config, variant or self.controlnext_variant or "sdxl")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_control_overrides(spec: str | None, variant: str) -> dict:
+    """``--controlnext-config``: None (no overrides), 'tiny' (small channel counts with ``variant``'s structure),
+    inline JSON, or a JSON file of ControlNeXtModel config overrides."""
+    if not spec:
+        return {}
+    if spec == "tiny":
+        from ..testing import tiny_sizes
+
+        return tiny_sizes(variant)
+    text = Path(spec).read_text() if Path(spec).is_file() else spec
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--controlnext-config must be 'tiny', a JSON object or a JSON file; could not parse {spec!r}: {err}."
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--controlnext-config must be a JSON object of config fields, got {type(value).__name__}.")
+    return value
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

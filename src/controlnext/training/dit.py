@@ -37,8 +37,10 @@ __all__ = [
     "flow_settings",
     "is_transformer_base",
     "load_transformer_base",
+    "pack_latents",
     "stock_sequence_length",
     "text_pipeline",
+    "transformer_kwargs",
 ]
 
 
@@ -238,6 +240,26 @@ def _flux_pack(x: torch.Tensor) -> torch.Tensor:
 _CALLS = {"sd3": (lambda x: x, _sd3_call), "flux": (_flux_pack, _flux_call)}
 
 
+def pack_latents(family: str, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents (B, C, h, w) as the family's transformer takes them: unchanged for SD3, 2x2-packed tokens for
+    Flux (as the stock pipelines pack them)."""
+    return _CALLS[family][0](latents)
+
+
+def transformer_kwargs(
+    family: str,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    guidance: float | None,
+    transformer: torch.nn.Module,
+) -> dict[str, Any]:
+    """The transformer's call arguments besides the sample, as the family's stock pipeline passes them (``latents``
+    unpacked, for their grid; ``timesteps`` in [0, 1000]; ``guidance`` only where the model embeds it)."""
+    return _CALLS[family][1](latents, timesteps, embeds, pooled, guidance, transformer)
+
+
 def flow_matching_step(
     model: Callable[..., torch.Tensor],
     base: BaseModel,
@@ -250,9 +272,8 @@ def flow_matching_step(
 ) -> torch.Tensor:
     """The loss of one batch: ``latents`` are the shifted and scaled VAE latents (B, C, h, w); noise and the timestep
     density draw come from the per-sample generators ``gens``; ``model`` is the controlled transformer."""
-    pack, make_call = _CALLS[base.family]
     noise = randn(tuple(latents.shape[1:]), gens, latents.device, latents.dtype)
-    x0, eps = pack(latents), pack(noise)
+    x0, eps = pack_latents(base.family, latents), pack_latents(base.family, noise)
     noisy, timesteps, sigmas = flow_matching_inputs(base.noise_scheduler, x0, eps, flow_matching_u(objective, gens))
     if "prompt_embeds" in batch:  # a latent cache (make-shards --cache-latents): T5 ran once, when it was made
         from .cache import cached_prompts
@@ -260,6 +281,6 @@ def flow_matching_step(
         embeds, pooled = cached_prompts(batch)
     else:
         embeds, pooled = prompts(batch["captions"])
-    kwargs = make_call(latents, timesteps, embeds, pooled, guidance, base.unet)
+    kwargs = transformer_kwargs(base.family, latents, timesteps, embeds, pooled, guidance, base.unet)
     pred = model(noisy, condition=batch["conditioning"].to(latents.device), **kwargs)
     return flow_matching_loss(objective, pred, noisy, x0, eps, sigmas)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from ...families import get_family
 from ...sources import is_local_path, require_model_source
@@ -165,22 +163,11 @@ class VideoTrainConfig:
         self.control_overrides()
 
     def control_overrides(self) -> dict:
-        """Config overrides for a new control module: None, 'tiny', inline JSON or a JSON file."""
-        spec = self.controlnext_config
-        if not spec:
-            return {}
-        if spec == "tiny":
-            from ...testing import TINY_CONTROLNEXT
+        """``--controlnext-config`` as config overrides for a new control module ('tiny' keeps the variant's
+        structure)."""
+        from ..config import parse_control_overrides
 
-            return dict(TINY_CONTROLNEXT)
-        text = Path(spec).read_text() if Path(spec).is_file() else spec
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"controlnext_config is neither 'tiny', a JSON file nor inline JSON: {err}") from None
-        if not isinstance(value, dict):
-            raise ValueError("controlnext_config must be a JSON object of config fields.")
-        return value
+        return parse_control_overrides(self.controlnext_config, self.controlnext_variant)
 
     def resume_key(self, num_processes: int) -> dict:
         """Settings that decide which samples a step reads; a checkpoint resumes only under the same ones."""
