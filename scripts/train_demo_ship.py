@@ -124,7 +124,7 @@ offline. Trained from scratch on CPU; {size_mb:.1f} MB of safetensors.
 {commands}
 ```
 
-(see `docs/demo.md`; deterministic on CPU for a given thread count).
+(see `docs/demo.md`; bit-for-bit deterministic on CPU for a given thread count and CPU model).
 
 """ + base_measured(acc)
 
