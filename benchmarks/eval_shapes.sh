@@ -4,7 +4,7 @@
 # trained by the study's loop (scripts/train_demo_controlnext.py) on the shipped base with the study's setup at its
 # best LR (docs/convergence.md: 400 steps, batch 16, lr 3e-3, 4000 samples of shapes seed 1, training seed SEED), then
 # evaluated with the same cases, seeds and sampling (the demo's: 20 steps, guidance 3).
-#   bash benchmarks/eval_shapes.sh [BUILD_DIR]      (default build/eval_shapes/seed$SEED; about 15 min on one CPU thread)
+#   bash benchmarks/eval_shapes.sh [BUILD_DIR]      (default build/eval_shapes/seed$SEED; about 10 min on one CPU thread)
 # SEED=S (default 0) sets the training seed of all three methods (the data and evaluation cases stay the same).
 set -euo pipefail
 SEED=${SEED:-0}
